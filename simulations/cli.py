@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--seed", type=int, default=0)
     stats.set_defaults(func=_cmd_data_stats)
 
+    bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(
+        dest="action", required=True)
+    del bench  # each benchmark module adds its own `fedge bench NAME` parser below
+
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
 
