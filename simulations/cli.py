@@ -84,6 +84,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1
 
 
+def _run(module: str, function: str = "main"):
+    """A handler that imports `module` only when its command runs (keeps `fedge --help` fast)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+    return handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedge.data import PARTITIONS_HELP, SOURCES_HELP
     from fedge.models import DEFAULT_MODEL
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(
         dest="action", required=True)
-    del bench  # each benchmark module adds its own `fedge bench NAME` parser below
+    # `fedge bench NAME` parsers go here: bench.add_parser("NAME", ...).set_defaults(func=_cmd_...)
 
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
