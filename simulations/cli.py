@@ -120,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(
         dest="action", required=True)
-    # `fedge bench NAME` parsers go here: bench.add_parser("NAME", ...).set_defaults(func=_cmd_...)
+    spec_bench = bench.add_parser("speculative", help="target-only vs HF assisted vs fedge speculative")
+    spec_bench.add_argument("--target", default=DEFAULT_MODEL)
+    spec_bench.add_argument("--draft", default=None, help="draft dir (default: build int8 full-depth)")
+    spec_bench.add_argument("--prompts", type=int, default=6, help="prompts per domain")
+    spec_bench.add_argument("--max-new-tokens", type=int, default=64)
+    spec_bench.add_argument("--k", default="auto")
+    spec_bench.add_argument("--json", default="bench-speculative.json")
+    spec_bench.set_defaults(func=_run("simulations.bench_speculative"))
 
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
