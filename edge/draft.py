@@ -1,0 +1,228 @@
+"""Compressed drafts derived from the target: keep the first layers, quantise, optionally distil.
+
+The draft keeps the target's embedding, final norm and tied head (LayerSkip-style), so every
+linear layer keeps its shape and one LoRA adapter fits draft and target alike.
+
+A draft directory holds `draft.safetensors`, the truncated `config.json`, the tokenizer and
+`draft.json` (target fingerprint, layers kept, quantisation, size in bytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedge.models import load_model, model_fingerprint, resolve_model, tokenizer_fingerprint
+from kernels.quant import COMPUTE_DTYPE, Int8Linear, QuantizedEmbedding, empty_quantized_linear, quantize_linear
+
+DRAFT_FORMAT = "fedge-draft/1"
+QUANT_CHOICES = ("none", "int8", "int4")
+
+
+@dataclass
+class DraftSpec:
+    target: str
+    keep_layers: int | None = None  # None keeps every layer
+    quant: str = "int8"
+    group_size: int = 32  # int4 only; int8 scales are per output row
+    distill_steps: int = 0
+    distill_data: str = "stdlib"
+    distill_seq_len: int = 128
+    distill_batch: int = 4
+    distill_lr: float = 2e-4
+    seed: int = 0
+
+
+@dataclass
+class DraftInfo:
+    format: str
+    target: str
+    target_fingerprint: str
+    tokenizer_fingerprint: str
+    num_target_layers: int
+    keep_layers: int
+    quant: str
+    group_size: int
+    bytes: int
+    distill: dict = field(default_factory=dict)
+
+
+class DraftError(ValueError):
+    pass
+
+
+def build_draft(spec: DraftSpec, out: str | Path, progress: bool = True) -> DraftInfo:
+    """Derive a draft from `spec.target` and write it to `out`."""
+    if spec.quant not in QUANT_CHOICES:
+        raise DraftError(f"quant must be one of {QUANT_CHOICES}, got {spec.quant!r}")
+    target, tokenizer = load_model(spec.target)
+    n_layers = target.config.num_hidden_layers
+    keep = n_layers if spec.keep_layers is None else spec.keep_layers
+    if not 1 <= keep <= n_layers:
+        raise DraftError(f"--keep-layers must be in [1, {n_layers}] for {spec.target}, got {keep}")
+
+    draft = truncate_layers(copy.deepcopy(target), keep)
+    distill_report: dict = {}
+    if spec.distill_steps > 0:
+        distill_report = distill(draft, target, tokenizer, spec, progress=progress)
+    draft.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = quantized_state_dict(draft, spec.quant, spec.group_size)
+    save_file(state, str(out / "draft.safetensors"))
+    draft.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = DraftInfo(
+        format=DRAFT_FORMAT,
+        target=spec.target,
+        target_fingerprint=model_fingerprint(target),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        num_target_layers=n_layers,
+        keep_layers=keep,
+        quant=spec.quant,
+        group_size=spec.group_size,
+        bytes=(out / "draft.safetensors").stat().st_size,
+        distill=distill_report,
+    )
+    (out / "draft.json").write_text(json.dumps(asdict(info), indent=2))
+    return info
+
+
+def truncate_layers(model: nn.Module, keep: int) -> nn.Module:
+    """Keep the first `keep` decoder layers; the final norm and tied head stay."""
+    model.model.layers = model.model.layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:keep]
+    return model
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and name.startswith("model.layers.")]
+
+
+def quantized_state_dict(model: nn.Module, quant: str, group_size: int) -> dict[str, torch.Tensor]:
+    """The tensors of a draft file. The tied head is stored once, as `lm_head.*`."""
+    if quant == "none":
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        return state
+    state: dict[str, torch.Tensor] = {}
+    linear_names = set(_linear_names(model))
+    for name, mod in model.named_modules():
+        if name in linear_names:
+            for key, value in quantize_linear(mod.weight, quant, group_size).state_dict().items():
+                state[f"{name}.{key}"] = value.contiguous()
+    head = Int8Linear.from_float(model.lm_head.weight)
+    for key, value in head.state_dict().items():
+        state[f"lm_head.{key}"] = value.contiguous()
+    for key, value in model.state_dict().items():
+        module_name = key.rsplit(".", 1)[0]
+        if module_name in linear_names or key.startswith(("lm_head.", "model.embed_tokens.")):
+            continue
+        state[key] = value.to(COMPUTE_DTYPE).contiguous()  # norms
+    return state
+
+
+def load_draft(path: str | Path, check_target=None):
+    """Load (draft_model, tokenizer, info) from a draft directory in a few seconds.
+
+    `check_target`, if given, is the target model: its fingerprint must match the draft's.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta_file = path / "draft.json"
+    if not meta_file.is_file():
+        raise DraftError(f"{path} is not a draft directory (no draft.json); build one with `fedge draft build`")
+    info = DraftInfo(**json.loads(meta_file.read_text()))
+    if info.format != DRAFT_FORMAT:
+        raise DraftError(f"{path}: unsupported draft format {info.format!r}")
+    if check_target is not None and model_fingerprint(check_target) != info.target_fingerprint:
+        raise DraftError(f"{path} was derived from another target (fingerprint {info.target_fingerprint})")
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    state = load_file(str(path / "draft.safetensors"))
+    if info.quant == "none":
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
+        for name in _linear_names(model):
+            parent_name, child = name.rsplit(".", 1)
+            old = model.get_submodule(name)
+            setattr(model.get_submodule(parent_name), child,
+                    empty_quantized_linear(old.in_features, old.out_features, info.quant, info.group_size))
+        head = Int8Linear(config.hidden_size, config.vocab_size)
+        model.lm_head = head
+        model.model.embed_tokens = QuantizedEmbedding(head)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("inv_freq")]
+        if missing or unexpected:
+            raise DraftError(f"{path}: draft file does not match its config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    model.eval()
+    return model, tokenizer, info
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def distill(draft: nn.Module, target: nn.Module, tokenizer, spec: DraftSpec, progress: bool = True) -> dict:
+    """Train the kept layers to match the target's next-token distribution (KL), on local text."""
+    from tqdm import tqdm
+
+    from fedge.data import read_source
+
+    texts = [ex.prompt + ex.text for ex in read_source(spec.distill_data)]
+    rng = random.Random(spec.seed)
+    stream: list[int] = []
+    for text in rng.sample(texts, min(len(texts), 400)):
+        stream.extend(tokenizer(text)["input_ids"])
+    if len(stream) < spec.distill_seq_len + 1:
+        raise DraftError(f"{spec.distill_data} has too little text to distil on")
+
+    draft.train()
+    for name, param in draft.named_parameters():
+        # the embedding/head is shared with the target: keep it frozen so adapters and tokens agree
+        param.requires_grad = not name.startswith(("model.embed_tokens", "lm_head"))
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=spec.distill_lr)
+    target.eval()
+    start = time.perf_counter()
+    history = []
+    bar = tqdm(range(spec.distill_steps), desc="distilling draft", disable=not progress)
+    for _ in bar:
+        starts = [rng.randrange(0, len(stream) - spec.distill_seq_len) for _ in range(spec.distill_batch)]
+        batch = torch.tensor([stream[s: s + spec.distill_seq_len] for s in starts])
+        with torch.no_grad():
+            teacher = torch.log_softmax(target(batch).logits.float(), dim=-1)
+        student = torch.log_softmax(draft(batch).logits.float(), dim=-1)
+        loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") / batch.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
+        history.append((loss.item(), agree))
+        bar.set_postfix(kl=f"{loss.item():.3f}", agree=f"{agree:.2f}")
+    for param in draft.parameters():
+        param.requires_grad = False
+    tail = history[-max(1, len(history) // 10):]
+    return {"steps": spec.distill_steps, "data": spec.distill_data, "seconds": round(time.perf_counter() - start, 1),
+            "final_kl": sum(h[0] for h in tail) / len(tail), "final_agreement": sum(h[1] for h in tail) / len(tail)}
+
+
+def default_draft_dir(target: str, keep_layers: int | None, quant: str) -> Path:
+    """Where benchmarks cache the drafts they build (beside the target in the fedge cache)."""
+    from fedge.models import cache_dir
+
+    base = Path(resolve_model(target)).name if "/" in target else target
+    return cache_dir() / "drafts" / f"{base}-L{keep_layers or 'all'}-{quant}"

@@ -1,0 +1,128 @@
+"""Weight-only int8 / int4 quantisation for edge drafts, with torch's packed CPU matmul ops.
+
+- int8: symmetric, one scale per output row (`torch._weight_int8pack_mm`); the same layout serves
+  as an embedding table, so a tied embedding/head is stored once.
+- int4: asymmetric, one scale and zero per group of `group_size` inputs along K
+  (`torch._weight_int4pack_mm_for_cpu`). SmolLM2's GGUF is Q4_1 (group 32, min/scale), so int4
+  group 32 re-quantises it almost exactly.
+
+Activations run in bf16: torch's packed ops take a fast path only for bf16 on CPU (fp32 activations
+are 10-30x slower there), and the output is returned in the input's dtype.
+`dequantize()` gives the float weight each module represents, for references and tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPUTE_DTYPE = torch.bfloat16
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (w_int8 * scale[:, None]).T, per-output-row scales."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features)
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        module.weight_int8.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        module.scales.copy_(scales.to(COMPUTE_DTYPE))
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        if flat.device.type == "cpu":
+            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        else:  # no packed op off the CPU here; the Triton kernel covers CUDA
+            out = flat @ (self.weight_int8.to(COMPUTE_DTYPE) * self.scales[:, None]).T
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of the de-quantised weight: the tied embedding lookup."""
+        return (self.weight_int8[ids].to(dtype) * self.scales[ids].to(dtype)[..., None])
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric int4 with a scale and zero per group of inputs, packed for the CPU op."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        packed_shape = torch._convert_weight_to_int4pack_for_cpu(
+            torch.zeros(out_features, in_features, dtype=torch.int32), 1).shape
+        self.register_buffer("weight_int4", torch.zeros(packed_shape, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=COMPUTE_DTYPE))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Linear:
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, group_size)
+        groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+        low = groups.amin(-1, keepdim=True)
+        high = groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15.0).clamp(min=1e-8)
+        codes = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, -1)
+        # the op computes (code - 8) * scale + zero, so zero is the value at code 8
+        zero = low + 8.0 * scale
+        module.weight_int4.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1)
+        module.scales_and_zeros.copy_(sz.to(COMPUTE_DTYPE))
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        # the packed layout is the op's own; reading it out through the op keeps one source of truth
+        eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group_size,
+                                                 self.scales_and_zeros).float().T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding that reads its rows from a tied Int8Linear head."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype = COMPUTE_DTYPE):
+        super().__init__()
+        self.head = [head]  # a list so the head's buffers are not registered twice
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head[0].embed(ids, self.dtype)
+
+
+def quantize_linear(weight: torch.Tensor, quant: str, group_size: int = 32) -> nn.Module:
+    if quant == "int8":
+        return Int8Linear.from_float(weight)
+    if quant == "int4":
+        return Int4Linear.from_float(weight, group_size)
+    raise ValueError(f"unknown quantisation {quant!r}; expected int8 or int4")
+
+
+def empty_quantized_linear(in_features: int, out_features: int, quant: str, group_size: int = 32) -> nn.Module:
+    """A module of the right buffer shapes, to load a saved state dict into."""
+    if quant == "int8":
+        return Int8Linear(in_features, out_features)
+    if quant == "int4":
+        return Int4Linear(in_features, out_features, group_size)
+    raise ValueError(f"unknown quantisation {quant!r}; expected int8 or int4")
