@@ -134,5 +134,17 @@ def verify(
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> VerifyResult:
-    """Dispatcher: the Triton kernel on CUDA, the reference on CPU."""
-    return verify_reference(target_logits, draft_ids, draft_lens, params, draft_probs, generator)
+    """Dispatcher: the Triton kernel on CUDA, the vectorised torch version elsewhere.
+
+    Top-k / top-p sampling needs a sort over the vocabulary, which the Triton kernel does not fuse:
+    it takes the vectorised torch path on every device. Results live on target_logits' device.
+    """
+    from kernels.dispatch import use_triton
+    from kernels.verify_torch import verify_torch
+
+    fused = params.greedy or (params.top_k == 0 and params.top_p == 1.0)
+    if fused and use_triton(target_logits, draft_probs):
+        from kernels.triton_verify import verify_triton
+
+        return verify_triton(target_logits, draft_ids, draft_lens, params, draft_probs, generator)
+    return verify_torch(target_logits, draft_ids, draft_lens, params, draft_probs, generator)

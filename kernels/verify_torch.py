@@ -1,0 +1,115 @@
+"""Vectorised torch speculative verification: every session in one set of tensor ops, no Python loop.
+
+Same semantics as `kernels.verify.verify_reference` (see that module's docstring). Greedy results
+are identical to the reference; sampling results have the same distribution but consume the random
+generator in a different order (all acceptance uniforms first, then one residual draw per session).
+Runs on any device; it is the CPU path of `kernels.verify.verify` and the CUDA fallback for
+top-k / top-p sampling, which the Triton kernel does not fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.verify import SamplingParams, VerifyResult, sampling_probs
+
+
+def check_verify_inputs(
+    target_logits: torch.Tensor,
+    draft_ids: torch.Tensor,
+    draft_lens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+) -> None:
+    """Raise ValueError/TypeError with a clear message for malformed verification inputs."""
+    if target_logits.dim() != 3 or not target_logits.is_floating_point():
+        raise TypeError(f"target_logits must be a floating (B, K+1, V) tensor, got "
+                        f"{target_logits.dtype} {tuple(target_logits.shape)}")
+    batch, width, vocab = target_logits.shape
+    if draft_ids.dim() != 2 or draft_ids.is_floating_point() or draft_ids.dtype == torch.bool:
+        raise TypeError(f"draft_ids must be an integer (B, K) tensor, got {draft_ids.dtype} "
+                        f"{tuple(draft_ids.shape)}")
+    if draft_ids.shape[0] != batch or draft_ids.shape[1] + 1 != width:
+        raise ValueError(f"target_logits {tuple(target_logits.shape)} must be (B, K+1, V) for draft_ids "
+                         f"{tuple(draft_ids.shape)}")
+    if draft_lens.shape != (batch,) or draft_lens.is_floating_point():
+        raise ValueError(f"draft_lens must be an integer ({batch},) tensor, got {draft_lens.dtype} "
+                         f"{tuple(draft_lens.shape)}")
+    if batch and (int(draft_lens.min()) < 0 or int(draft_lens.max()) > draft_ids.shape[1]):
+        raise ValueError("draft_lens must lie in [0, K]")
+    if draft_probs is not None and draft_probs.shape != (batch, width - 1, vocab):
+        raise ValueError(f"draft_probs must be (B, K, V) = {(batch, width - 1, vocab)}, got "
+                         f"{tuple(draft_probs.shape)}")
+
+
+def accepted_prefix(ok: torch.Tensor, draft_lens: torch.Tensor) -> torch.Tensor:
+    """Length of the leading run of accepted positions per session, positions past the draft excluded."""
+    positions = torch.arange(ok.shape[1], device=ok.device)
+    ok = ok & (positions[None, :] < draft_lens[:, None])
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+def verify_torch(
+    target_logits: torch.Tensor,
+    draft_ids: torch.Tensor,
+    draft_lens: torch.Tensor,
+    params: SamplingParams,
+    draft_probs: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> VerifyResult:
+    """Batched verification with tensor ops only. Results live on target_logits' device."""
+    check_verify_inputs(target_logits, draft_ids, draft_lens, draft_probs)
+    device = target_logits.device
+    batch, width, vocab = target_logits.shape
+    k = width - 1
+    draft_ids = draft_ids.to(device=device, dtype=torch.long)
+    draft_lens = draft_lens.to(device=device, dtype=torch.long)
+    rows = torch.arange(batch, device=device)
+
+    if params.greedy:
+        target_ids = target_logits.argmax(dim=-1)  # (B, K+1)
+        n_accepted = accepted_prefix(target_ids[:, :k] == draft_ids, draft_lens)
+        next_ids = target_ids[rows, n_accepted]
+        return VerifyResult(n_accepted=n_accepted, next_ids=next_ids)
+
+    probs = sampling_probs(target_logits, params)  # (B, K+1, V) float32
+    if k > 0:
+        p_draft = probs[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1)
+        if draft_probs is not None:
+            q_draft = draft_probs.to(device).float().gather(-1, draft_ids[..., None]).squeeze(-1)
+        else:
+            q_draft = torch.ones_like(p_draft)  # greedy draft: q is one-hot on the drafted token
+        ratio = torch.where(q_draft > 0, p_draft / q_draft.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        uniforms = _rand((batch, k), generator, device)
+        n_accepted = accepted_prefix(uniforms < ratio.clamp(max=1.0), draft_lens)
+    else:
+        n_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+
+    # One distribution per session: the residual at the first rejection, or p for the bonus token.
+    p_next = probs[rows, n_accepted]  # (B, V)
+    rejected = n_accepted < draft_lens
+    if k > 0:
+        at = n_accepted.clamp(max=k - 1)
+        if draft_probs is not None:
+            q_next = draft_probs.to(device).float()[rows, at]
+        else:
+            q_next = torch.nn.functional.one_hot(draft_ids[rows, at], vocab).float()
+        residual = torch.where(rejected[:, None], (p_next - q_next).clamp(min=0), p_next)
+        # an all-zero residual means p == q, where rejection has probability zero; fall back to p
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    else:
+        residual = p_next
+    next_ids = _multinomial(residual, generator)
+    return VerifyResult(n_accepted=n_accepted, next_ids=next_ids)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    # draw on the generator's own device (a CPU generator may drive CUDA logits), then move
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is not None and generator.device != weights.device:
+        return torch.multinomial(weights.to(generator.device), 1, generator=generator).squeeze(1).to(
+            weights.device)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
