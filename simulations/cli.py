@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     spec_bench.add_argument("--json", default="bench-speculative.json")
     spec_bench.set_defaults(func=_run("simulations.bench_speculative"))
 
+    certs = sub.add_parser("certs", help="TLS certificates and device identities").add_subparsers(
+        dest="action", required=True)
+    certs_create = certs.add_parser("create", help="CA, server cert, per-device client certs, adapter-signing key")
+    certs_create.add_argument("--out", required=True, help="directory to write (an existing CA there is reused)")
+    certs_create.add_argument("--devices", default="", help="comma-separated device ids, e.g. phone-1,laptop-2")
+    certs_create.add_argument("--num-devices", type=int, default=0, help="also create PREFIX-0 .. PREFIX-(N-1)")
+    certs_create.add_argument("--device-prefix", default="device")
+    certs_create.add_argument("--hosts", default="localhost,127.0.0.1", help="server certificate names/addresses")
+    certs_create.add_argument("--days", type=int, default=825)
+    certs_create.add_argument("--overwrite", action="store_true", help="replace an existing CA and keys")
+    certs_create.set_defaults(func=_run("simulations.certs"))
+
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
 
