@@ -198,7 +198,7 @@ def distill(draft: nn.Module, target: nn.Module, tokenizer, spec: DraftSpec, pro
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=spec.distill_lr)
     target.eval()
     start = time.perf_counter()
-    history = []
+    history: list[tuple[float, float]] = []
     bar = tqdm(range(spec.distill_steps), desc="distilling draft", disable=not progress)
     for _ in bar:
         starts = [rng.randrange(0, len(stream) - spec.distill_seq_len) for _ in range(spec.distill_batch)]
@@ -215,9 +215,13 @@ def distill(draft: nn.Module, target: nn.Module, tokenizer, spec: DraftSpec, pro
         bar.set_postfix(kl=f"{loss.item():.3f}", agree=f"{agree:.2f}")
     for param in draft.parameters():
         param.requires_grad = False
-    tail = history[-max(1, len(history) // 10):]
-    return {"steps": spec.distill_steps, "data": spec.distill_data, "seconds": round(time.perf_counter() - start, 1),
-            "final_kl": sum(h[0] for h in tail) / len(tail), "final_agreement": sum(h[1] for h in tail) / len(tail)}
+    window = max(1, len(history) // 10)
+    head, tail = history[:window], history[-window:]
+    return {"steps": spec.distill_steps, "data": spec.distill_data,
+            "seconds": round(time.perf_counter() - start, 1),
+            "initial_kl": sum(h[0] for h in head) / window, "final_kl": sum(h[0] for h in tail) / window,
+            "initial_agreement": sum(h[1] for h in head) / window,
+            "final_agreement": sum(h[1] for h in tail) / window}
 
 
 def default_draft_dir(target: str, keep_layers: int | None, quant: str) -> Path:

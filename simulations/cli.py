@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     spec_bench = bench.add_parser("speculative", help="target-only vs HF assisted vs fedge speculative")
     spec_bench.add_argument("--target", default=DEFAULT_MODEL)
-    spec_bench.add_argument("--draft", default=None, help="draft dir (default: build int8 full-depth)")
+    spec_bench.add_argument("--draft", default=None,
+                            help="comma-separated draft dirs or recipes int4, int8, L12-int4 (default: int4,int8)")
     spec_bench.add_argument("--prompts", type=int, default=6, help="prompts per domain")
     spec_bench.add_argument("--max-new-tokens", type=int, default=64)
     spec_bench.add_argument("--k", default="auto")

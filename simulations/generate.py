@@ -54,12 +54,13 @@ class SpeculativeGenerator:
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
                      params: SamplingParams | None = None, k: int | None = None, seed: int = 0,
-                     on_tokens=None) -> tuple[list[int], GenerationStats]:
+                     on_tokens=None, stop_at_eos: bool = True) -> tuple[list[int], GenerationStats]:
         params = params or SamplingParams()
         verifier = VerifierSession(self.target, prompt_ids, params, seed=seed)
         drafter = DraftSession(self.draft, prompt_ids, params, seed=seed)
         controller = DraftLengthController(k_max=self.k_max, fixed_k=k)
-        stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        eos = self.tokenizer.eos_token_id
+        stop = {eos} if stop_at_eos and eos is not None else set()
         result = speculative_generate(drafter, verifier, max_new_tokens, controller, stop, on_tokens)
         return result.token_ids, result.stats
 
