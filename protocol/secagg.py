@@ -44,6 +44,7 @@ the README), and clients authenticate to the server with mTLS device identities 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -308,6 +309,38 @@ class SecAggClient:
         self._peer_shares: dict[int, tuple[int, int]] = {}  # peer -> (mask-key share, self-seed share)
         self._mask_peers: list[int] = []  # U2: peers whose shares reached us, pairwise-masked with
         self._step = 0
+
+    def to_bytes(self) -> bytes:
+        """Serialise the client's secret state (keys, seed, received shares) for a stateless transport.
+
+        Flower keeps a node's `context.state` on the node between messages; the state never leaves it.
+        """
+        return json.dumps({
+            "client_id": self.client_id, "config": self.config.to_dict(), "step": self._step,
+            "cipher_key": _private_bytes(self._cipher_key).hex(), "mask_key": _private_bytes(self._mask_key).hex(),
+            "self_seed": self._self_seed.hex(),
+            "roster": [[a.client_id, a.cipher_public_key.hex(), a.mask_public_key.hex()]
+                       for a in self._roster.values()],
+            "peer_shares": [[p, hex(k), hex(b)] for p, (k, b) in self._peer_shares.items()],
+            "mask_peers": self._mask_peers,
+        }).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SecAggClient:
+        try:
+            state = json.loads(data)
+            client = cls(int(state["client_id"]), SecAggConfig.from_dict(state["config"]))
+            client._step = int(state["step"])
+            client._cipher_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["cipher_key"]))
+            client._mask_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask_key"]))
+            client._self_seed = bytes.fromhex(state["self_seed"])
+            client._roster = {int(c): AdvertisedKeys(int(c), bytes.fromhex(ck), bytes.fromhex(mk))
+                              for c, ck, mk in state["roster"]}
+            client._peer_shares = {int(p): (int(k, 16), int(b, 16)) for p, k, b in state["peer_shares"]}
+            client._mask_peers = [int(p) for p in state["mask_peers"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SecAggError(f"corrupt secure-aggregation client state: {exc}") from exc
+        return client
 
     def _advance(self, expected: int, name: str) -> None:
         if self._step != expected:

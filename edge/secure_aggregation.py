@@ -1,0 +1,179 @@
+"""Client side of secure aggregation and client-level DP as Flower ClientApp mods.
+
+Add them to any ClientApp without touching its train function:
+
+    app = ClientApp(mods=[secagg_mod])          # or @app.train(mods=[secagg_mod])
+
+`secagg_mod` answers the four secure-aggregation stages (see protocol.secagg). At the masked-input
+stage it calls the wrapped train function, turns its reply into an update (trained - global, or the
+reply itself for methods whose clients send what is summed, e.g. FedSVD products), clips it and adds
+this client's share of the DP noise when the server asks for DP, masks it and sends only the masked
+vector. Messages without a secure-aggregation record pass straight through, so the same app also
+serves plain rounds. `dp_mod` does the clip-and-noise step for plain (unmasked) rounds.
+
+The client's secret state between stages lives in `context.state`, which stays on the node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from peft_methods.dp import ClientDPTransform, DPConfig
+from protocol.secagg import SecAggClient, SecAggError, VectorLayout
+from protocol.secagg_records import (
+    DP_KEY,
+    MASKED_KEY,
+    SECAGG_KEY,
+    STAGE_ADVERTISE,
+    STAGE_MASK,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    STATE_KEY,
+    UPDATE_DELTA,
+    advertise_reply,
+    config_from_record,
+    layout_from_str,
+    masked_reply,
+    roster_from_request,
+    shares_from_record,
+    shares_record,
+    stage_of,
+    unmask_reply,
+)
+
+ERROR_SECAGG = 9001  # the protocol refused (below threshold, tampered message, out of order)
+ERROR_DROPPED = 9002  # a simulated dropout (experiments)
+
+
+def _error(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _single_array_record(content: RecordDict, what: str) -> tuple[str, ArrayRecord]:
+    records = list(content.array_records.items())
+    if len(records) != 1:
+        raise ValueError(f"{what} must carry exactly one ArrayRecord (found {len(records)})")
+    return records[0]
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: np.asarray(array.numpy()) for name, array in record.items()}
+
+
+def _update_arrays(sent: dict[str, np.ndarray], trained: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    if mode != UPDATE_DELTA:
+        return {k: v.astype(np.float64) for k, v in trained.items()}
+    unknown = set(trained) - set(sent)
+    if unknown:
+        raise ValueError(f"reply has arrays the server did not send: {sorted(unknown)[:3]}")
+    # tensors the client did not return (frozen ones) contribute a zero update
+    return {k: trained[k].astype(np.float64) - sent[k].astype(np.float64) if k in trained
+            else np.zeros(sent[k].shape) for k in sent}
+
+
+def _vector(update: dict[str, np.ndarray], layout: VectorLayout) -> np.ndarray:
+    parts = []
+    for name, shape, _ in layout.entries:
+        if name not in update:
+            raise ValueError(f"update lacks {name!r}, which the server's layout expects")
+        if tuple(update[name].shape) != shape:
+            raise ValueError(f"{name} has shape {update[name].shape}, the server's layout says {shape}")
+        parts.append(update[name].reshape(-1))
+    if len(update) != len(layout.entries):
+        raise ValueError("update has arrays outside the server's layout")
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _dp_from_record(record: ConfigRecord, prefix: str = "dp.") -> DPConfig | None:
+    if f"{prefix}clip_norm" not in record:
+        return None
+    return DPConfig(clip_norm=float(record[f"{prefix}clip_norm"]),
+                    noise_multiplier=float(record[f"{prefix}noise_multiplier"]),
+                    min_clients=int(record[f"{prefix}min_clients"]), noise_at=str(record[f"{prefix}noise_at"]))
+
+
+def _num_examples(reply: Message) -> int:
+    for metrics in reply.content.metric_records.values():
+        if "num-examples" in metrics:
+            return int(metrics["num-examples"])
+    return 1
+
+
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod: run this client's side of secure aggregation around the wrapped train function."""
+    stage = stage_of(msg.content) if msg.metadata.message_type.startswith("train") else None
+    if stage is None:
+        return call_next(msg, context)
+    record = msg.content.config_records[SECAGG_KEY]
+    try:
+        if stage == STAGE_ADVERTISE:
+            client = SecAggClient(int(record["client_id"]), config_from_record(record))
+            out = RecordDict({SECAGG_KEY: advertise_reply(client.advertise_keys())})
+        elif stage == STAGE_SHARE:
+            client = _load(context)
+            out = RecordDict({SECAGG_KEY: shares_record(STAGE_SHARE, client.share_keys(roster_from_request(record)))})
+        elif stage == STAGE_MASK:
+            if bool(record.get("simulate_drop", False)):
+                return _error(msg, ERROR_DROPPED, "simulated dropout after sharing keys")
+            client = _load(context)
+            received = shares_from_record(record)
+            _, sent_record = _single_array_record(msg.content, "the train message")
+            sent = _numpy(sent_record)
+            del msg.content.config_records[SECAGG_KEY]  # the train function sees a plain train message
+            reply = call_next(msg, context)
+            if reply.has_error():
+                return reply
+            _, trained_record = _single_array_record(reply.content, "the train reply")
+            update = _update_arrays(sent, _numpy(trained_record), str(record["update_mode"]))
+            dp = _dp_from_record(record)
+            if dp is not None:
+                update = ClientDPTransform(dp)(update)
+            vector = _vector(update, layout_from_str(str(record["layout"])))
+            masked_record, array_record = masked_reply(client.masked_input(vector, received), _num_examples(reply))
+            out = RecordDict({SECAGG_KEY: masked_record, MASKED_KEY: array_record})
+        elif stage == STAGE_UNMASK:
+            client = _load(context)
+            out = RecordDict({SECAGG_KEY: unmask_reply(client.unmask([int(s) for s in record["survivors"]]))})
+            del context.state.config_records[STATE_KEY]  # the round is over: forget its secrets
+            return Message(out, reply_to=msg)
+        else:
+            raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    except (SecAggError, ValueError, KeyError) as exc:
+        return _error(msg, ERROR_SECAGG, f"secure aggregation, stage {stage}: {exc}")
+    context.state[STATE_KEY] = ConfigRecord({"client": client.to_bytes()})
+    return Message(out, reply_to=msg)
+
+
+def _load(context: Context) -> SecAggClient:
+    record = context.state.config_records.get(STATE_KEY)
+    if record is None:
+        raise SecAggError("no secure-aggregation state on this node (stages out of order?)")
+    return SecAggClient.from_bytes(bytes(record["client"]))
+
+
+def dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod for plain rounds: clip the update (trained - global) and add this client's noise share.
+
+    Active when the train message carries a ConfigRecord `fedge.dp` (sent by the server with the
+    clip norm, noise multiplier, n_min and who adds noise); otherwise it passes through.
+    """
+    record = msg.content.config_records.get(DP_KEY) if msg.metadata.message_type.startswith("train") else None
+    if record is None or SECAGG_KEY in msg.content.config_records:
+        return call_next(msg, context)
+    try:
+        dp = _dp_from_record(record)
+        if dp is None:
+            raise ValueError("fedge.dp record lacks dp.clip_norm")
+        _, sent_record = _single_array_record(msg.content, "the train message")
+        sent = _numpy(sent_record)
+    except (ValueError, KeyError) as exc:
+        return _error(msg, ERROR_SECAGG, f"dp: {exc}")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    key, trained_record = _single_array_record(reply.content, "the train reply")
+    update = ClientDPTransform(dp)(_update_arrays(sent, _numpy(trained_record), UPDATE_DELTA))
+    reply.content.array_records[key] = ArrayRecord(
+        {name: Array((sent[name] + update[name]).astype(sent[name].dtype)) for name in sent})
+    return reply
