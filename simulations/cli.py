@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs_create.add_argument("--overwrite", action="store_true", help="replace an existing CA and keys")
     certs_create.set_defaults(func=_run("simulations.certs"))
 
+    simulate = sub.add_parser("simulate", help="simulations: federated fine-tuning, phones").add_subparsers(
+        dest="action", required=True)
+    from simulations.federated import add_arguments as add_federated_arguments
+
+    fed_sim = simulate.add_parser("federated", help="federated LoRA on Flower + Ray (LoRA-aware aggregation)")
+    add_federated_arguments(fed_sim)
+    fed_sim.set_defaults(func=_run("simulations.federated"))
+
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
 

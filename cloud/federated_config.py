@@ -1,0 +1,86 @@
+"""The configuration of a federated LoRA run (light to import: the CLI builds its options from it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from peft_methods.config import METHODS, AdapterSpec, MethodSpec
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass
+class FederatedConfig:
+    """Everything a federated LoRA run depends on (saved with each checkpoint)."""
+
+    model: str = "smollm2-135m-instruct"
+    data: str = "stdlib"
+    partition: str = "natural"
+    num_clients: int = 20
+    clients_per_round: int = 5
+    rounds: int = 3
+    method: str = "ffa"
+    strategy: str = "fedavg"
+    rank: int = 8
+    scale: float = 2.0
+    targets: str = "q_proj,v_proj"
+    peft: str = "lora"
+    hetlora_ranks: str = ""  # e.g. "8,4,2", cycled over partitions; default: full, half, quarter
+    steps: int = 4
+    batch_size: int = 2
+    seq_len: int = 128
+    lr: float = 3e-3
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 1.0  # FedAdam's eta
+    eval_examples: int = 2  # held-out examples per client for evaluation
+    seed: int = 0
+    round_timeout: float = 600.0
+    min_clients: int = 1  # a round with fewer good updates leaves the global adapter unchanged
+    noop_rounds: int = 3  # no-op rounds before training, to measure the simulation's overhead
+    faults: str = ""  # "PID:KIND,..." with KIND in nan, inf, shape, crash, slow (tests and demos)
+    transforms: str = ""  # client update pipeline, see edge.federated_client
+    threads_per_client: int = 1
+    pull_interval: float = 0.01  # InMemoryGrid polling (Flower's default 0.1 s)
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            raise ValueError(f"--clients-per-round must be in 1..{self.num_clients}, got {self.clients_per_round}")
+        if self.rounds < 1 or self.steps < 1:
+            raise ValueError("--rounds and --steps must be >= 1")
+
+    @property
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(rank=self.rank, scale=self.scale, target_modules=tuple(self.targets.split(",")),
+                           peft=self.peft, init_seed=self.seed)
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        ranks = tuple(int(r) for r in self.hetlora_ranks.split(",") if r)
+        return MethodSpec(self.method, client_ranks=ranks)
+
+    def identity(self) -> str:
+        """What must match for `--resume` to continue a checkpoint (not rounds, faults, timing)."""
+        skip = {"rounds", "resume", "checkpoint_dir", "noop_rounds", "faults", "round_timeout", "pull_interval"}
+        items = {k: v for k, v in asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+    def client_config(self):
+        """The per-message config every client reads (a Flower ConfigRecord)."""
+        from flwr.app import ConfigRecord
+
+        return ConfigRecord({
+            "model": self.model, "data": self.data, "partition": self.partition,
+            "num-clients": self.num_clients, "seed": self.seed, "method": self.method,
+            "global-rank": self.rank, "scale": self.scale, "targets": self.targets, "peft": self.peft,
+            "steps": self.steps, "batch-size": self.batch_size, "seq-len": self.seq_len, "lr": self.lr,
+            "eval-examples": self.eval_examples, "threads": self.threads_per_client,
+            "faults": self.faults, "transforms": self.transforms, "round-timeout": self.round_timeout,
+        })
