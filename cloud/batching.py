@@ -1,0 +1,136 @@
+"""One target forward for many sessions whose KV caches have different lengths.
+
+Each session keeps its own keys/values (`SessionKV`, one growable buffer per layer) between
+rounds; rolling back a rejected draft is just lowering its length. For a batched round the
+caches are copied into one left-padded `DynamicCache` and every session's new tokens (what its
+cache lacks plus its draft, ragged) are left-padded to the widest row:
+
+    row b:  [cache pad][cache of b (L_b)][new pad][new tokens of b (n_b)]
+
+A 4D additive mask lets each real token see exactly the real tokens before it in its own row, and
+position ids continue each row from L_b, so every row computes what a batch-of-one forward would
+(up to float summation order). The new keys/values of each row are then appended to its buffer.
+
+Copying the caches costs one pass over them per round, which a batch-of-one HF forward pays too
+(DynamicCache grows by torch.cat); the forward itself reads the weights once for the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+class SessionKV:
+    """Keys/values of one sequence for every layer: (heads, capacity, head_dim) buffers + a length."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a {self.length}-position cache to {length}")
+        self.length = length  # the stale tail is overwritten by the next append
+
+    def append(self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> None:
+        """Append (heads, n, head_dim) keys/values for every layer."""
+        n = layer_keys[0].shape[1]
+        if not self.keys:
+            cap = max(64, 2 * n)
+            self.keys = [torch.empty(k.shape[0], cap, k.shape[2], dtype=k.dtype) for k in layer_keys]
+            self.values = [torch.empty(v.shape[0], cap, v.shape[2], dtype=v.dtype) for v in layer_values]
+        if self.length + n > self.keys[0].shape[1]:
+            cap = max(2 * self.keys[0].shape[1], self.length + n)
+            self.keys = [_grow(k, cap, self.length) for k in self.keys]
+            self.values = [_grow(v, cap, self.length) for v in self.values]
+        end = self.length + n
+        for buf, new in zip(self.keys, layer_keys, strict=True):
+            buf[:, self.length:end] = new
+        for buf, new in zip(self.values, layer_values, strict=True):
+            buf[:, self.length:end] = new
+        self.length = end
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
+    out = torch.empty(buf.shape[0], cap, buf.shape[2], dtype=buf.dtype)
+    out[:, :used] = buf[:, :used]
+    return out
+
+
+@dataclass
+class Row:
+    kv: SessionKV
+    feed: list[int]  # tokens to run, starting at position kv.length
+    keep: int  # how many trailing positions' logits to return
+
+
+def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tensor]:
+    """Run every row's `feed` after its cache in one forward; append the new keys/values to each
+    row's cache and return each row's last `keep` logits (float32, (keep, V))."""
+    if not rows:
+        return []
+    if any(not r.feed or not 1 <= r.keep <= len(r.feed) for r in rows):
+        raise ValueError("every row needs a non-empty feed and 1 <= keep <= len(feed)")
+    batch = len(rows)
+    cache_len = max(r.kv.length for r in rows)
+    width = max(len(r.feed) for r in rows)
+    total = cache_len + width
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    valid = torch.zeros(batch, total, dtype=torch.bool)  # which key positions hold real tokens
+    for b, r in enumerate(rows):
+        n, length = len(r.feed), r.kv.length
+        ids[b, width - n:] = torch.tensor(r.feed, dtype=torch.long)
+        positions[b, width - n:] = torch.arange(length, length + n)
+        valid[b, cache_len - length:cache_len] = True
+        valid[b, total - n:] = True
+    # query i (absolute column cache_len + i) sees real keys at columns <= its own, and always
+    # itself, so padding queries never get an all-masked row
+    cols = torch.arange(total)
+    q_cols = cache_len + torch.arange(width)
+    allowed = valid[:, None, :] & (cols[None, None, :] <= q_cols[None, :, None])
+    allowed |= cols[None, None, :] == q_cols[None, :, None]
+    mask = torch.zeros(batch, 1, width, total, dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    cache = None
+    if cache_len > 0:
+        layers = []
+        template = next(r.kv for r in rows if r.kv.length > 0)
+        for layer in range(len(template.keys)):
+            heads, _, dim = template.keys[layer].shape
+            k = torch.zeros(batch, heads, cache_len, dim, dtype=template.keys[layer].dtype)
+            v = torch.zeros_like(k)
+            for b, r in enumerate(rows):
+                if r.kv.length:
+                    k[b, :, cache_len - r.kv.length:] = r.kv.keys[layer][:, :r.kv.length]
+                    v[b, :, cache_len - r.kv.length:] = r.kv.values[layer][:, :r.kv.length]
+            layers.append((k, v))
+        cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+    else:
+        cache = DynamicCache(config=model.config)
+
+    keep = max(r.keep for r in rows)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=keep)
+    logits = out.logits.float()  # (B, keep, V), right-aligned like the feed
+    results = []
+    for b, r in enumerate(rows):
+        n = len(r.feed)
+        r.kv.append([layer.keys[b, :, total - n:] for layer in cache.layers],
+                    [layer.values[b, :, total - n:] for layer in cache.layers])
+        results.append(logits[b, keep - r.keep:])
+    return results
