@@ -90,7 +90,7 @@ def verify_torch(
     if k > 0:
         at = n_accepted.clamp(max=k - 1)
         if draft_probs is not None:
-            q_next = draft_probs.to(device).float()[rows, at]
+            q_next = draft_probs.to(device)[rows, at].float()
         else:
             q_next = torch.nn.functional.one_hot(draft_ids[rows, at], vocab).float()
         residual = torch.where(rejected[:, None], (p_next - q_next).clamp(min=0), p_next)
@@ -109,7 +109,12 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 
 
 def _multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is not None and generator.device != weights.device:
-        return torch.multinomial(weights.to(generator.device), 1, generator=generator).squeeze(1).to(
-            weights.device)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    """One index per row, drawn proportional to the row's non-negative weights.
+
+    Exponential race: argmax(w / E) with E ~ Exp(1) i.i.d. is distributed as w / sum(w); it is an
+    order of magnitude faster than torch.multinomial on CPU for vocabulary-sized rows."""
+    gen_device = generator.device if generator is not None else weights.device
+    race = torch.empty(weights.shape, device=gen_device).exponential_(generator=generator).to(weights.device)
+    # Exp(1) can round to 0; a floor keeps 0 / 0 out (w = 0 must never win)
+    race = race.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (weights / race).argmax(dim=-1)
