@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec_bench.add_argument("--k", default="auto")
     spec_bench.add_argument("--json", default="bench-speculative.json")
     spec_bench.set_defaults(func=_run("simulations.bench_speculative"))
-    kernel_bench = bench.add_parser("kernels", help="kernel vs torch reference: time, GB/s, % of peak")
+    kernel_bench = bench.add_parser("kernels", help="kernel vs torch reference: time, GB/s, fraction of peak")
     kernel_bench.add_argument("--json", default="bench-kernels.json")
     kernel_bench.add_argument("--ops", default="verify,quant,lora,aggregate", help="comma-separated subset")
     kernel_bench.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
