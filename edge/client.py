@@ -101,6 +101,7 @@ class EdgeStats:
     draft_s: float = 0.0
     round_s: float = 0.0
     ks: list[int] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # sessions in the cloud forward of each round
     token_latency_s: list[float] = field(default_factory=list)  # per delivered token
 
     @property
@@ -392,6 +393,7 @@ class EdgeClient:
                 sync_drafter()
                 stats.rounds += 1
                 stats.round_s += round_s
+                stats.batch_sizes.append(reply.batch_size)
                 if not tail:
                     controller.record(k, n, draft_s, round_s)
                     stats.drafted += k
