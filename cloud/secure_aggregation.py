@@ -2,10 +2,12 @@
 
 `SecureAggregationGrid` wraps the ServerApp's Grid. A strategy's `start()` (or any round loop) calls
 `grid.send_and_receive(train_messages)`; the wrapper runs the four secure-aggregation stages with
-those clients instead, and returns ONE reply holding the aggregate (global + mean update, and
-"num-examples" = the summed example counts). Any strategy whose train aggregation is a weighted mean
-(FedAvg, FFA-LoRA's B sum, FedSVD's sum of products) therefore gets exactly the mean it would have
-computed from the individual replies, without ever seeing them. Evaluation messages pass through.
+those clients instead, and returns one reply per surviving client, each holding the AGGREGATE (the
+mean update; in "delta" mode global + mean update) with "num-examples" = 1, and an error reply for
+each client that dropped. Any strategy whose train aggregation is a weighted mean (FedAvg, FFA-LoRA's
+B sum, FedSVD's sum with a shared A) therefore computes exactly the mean of the survivors' updates,
+without ever seeing one of them. Evaluation and query messages pass through, and so do train
+messages that `passthrough` selects (by default those whose config says `noop`).
 
 Client weights are uniform under secure aggregation (each client contributes its update once):
 weighting by example counts would need the counts in the clear and changes DP's sensitivity.
@@ -20,11 +22,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from peft_methods.dp import DPConfig, PrivacyBudget, PrivacyBudgetExceeded, RoundPrivacy, check_noise_coverage
 from protocol.secagg import (
@@ -70,7 +72,8 @@ class SecureAggregationSettings:
     threshold: float = 0.6
     clip_range: float | None = None
     update_mode: str = UPDATE_DELTA
-    layout: VectorLayout | None = None
+    layout: VectorLayout | Callable[[list[Message]], VectorLayout] | None = None
+    passthrough: Callable[[Message], bool] | None = None
     secure: bool = True
     dp: DPConfig | None = None
     population: int | None = None  # clients sampled from; default: all nodes the grid knows
@@ -128,7 +131,8 @@ class SecureAggregationGrid:
         messages = list(messages)
         is_train = bool(messages) and messages[0].metadata.message_type.startswith("train") and \
             SECAGG_KEY not in messages[0].content.config_records
-        if not is_train:
+        passthrough = self.settings.passthrough or _is_noop
+        if not is_train or passthrough(messages[0]):
             return list(self._grid.send_and_receive(messages, timeout=timeout))
         if self.budget_exhausted:
             return []
@@ -142,14 +146,14 @@ class SecureAggregationGrid:
         self._round += 1
         start = time.perf_counter()
         if self.settings.secure:
-            reply, stats = self._secure_round(messages, timeout if timeout is not None else self.settings.timeout)
+            replies, stats = self._secure_round(messages, timeout if timeout is not None else self.settings.timeout)
         else:
-            reply, stats = self._plain_round(messages, timeout if timeout is not None else self.settings.timeout)
+            replies, stats = self._plain_round(messages, timeout if timeout is not None else self.settings.timeout)
         stats.seconds = time.perf_counter() - start
         if self.budget is not None:
             stats.privacy = self.budget.record_round(sample_rate)
         self.history.append(stats)
-        return [reply]
+        return replies
 
     # ------------------------------------------------------------------------------------------
 
@@ -178,8 +182,10 @@ class SecureAggregationGrid:
         settings, stage_seconds = self.settings, {}
         array_key, sent_record = _single_array_record(messages[0].content)
         sent = {name: np.asarray(a.numpy()) for name, a in sent_record.items()}
-        layout = flatten_arrays(sent)[1] if settings.update_mode == UPDATE_DELTA else settings.layout
+        layout = self._layout(messages, sent)
         n = len(messages)
+        if n < settings.threshold_for(n) or n < 2:
+            raise SecAggError(f"{n} clients sampled, below the threshold {settings.threshold_for(n)}")
         config = SecAggConfig(threshold=settings.threshold_for(n), clip_range=self._clip_range(), max_clients=n,
                               vector_length=layout.length, round_id=self._round)
         server = SecAggServer(config)
@@ -215,11 +221,7 @@ class SecureAggregationGrid:
             content[SECAGG_KEY] = record
             contents[node_of[cid]] = content
         replies = self._exchange(template, contents, timeout)
-        masked, examples = [], 0
-        for r in replies.values():
-            m, k = masked_from_reply(r.content)
-            masked.append(m)
-            examples += k
+        masked = [masked_from_reply(r.content)[0] for r in replies.values()]
         survivors = server.collect_masked(masked)
         stage_seconds["mask"] = time.perf_counter() - t0
 
@@ -231,8 +233,9 @@ class SecureAggregationGrid:
 
         mean = self._release(result.total, len(result.survivors))
         arrays = self._new_global(sent, unflatten_arrays(mean, layout))
-        reply = _aggregate_reply(template, array_key, arrays, examples)
-        return reply, RoundStats(self._round, n, len(result.survivors), n - len(result.survivors), 0.0,
+        survivor_nodes = {node_of[c] for c in result.survivors}
+        replies = _aggregate_replies(messages, survivor_nodes, array_key, arrays)
+        return replies, RoundStats(self._round, n, len(result.survivors), n - len(result.survivors), 0.0,
                                  stage_seconds, result.n_clipped)
 
     def _plain_round(self, messages: list[Message], timeout: float | None) -> tuple[Message, RoundStats]:
@@ -245,13 +248,14 @@ class SecureAggregationGrid:
             if i in drop:
                 continue
             if self.settings.dp is not None:
-                message.content[DP_KEY] = ConfigRecord(dp_fields(self.settings.dp))
+                message.content[DP_KEY] = ConfigRecord({**dp_fields(self.settings.dp),
+                                                        "update_mode": self.settings.update_mode})
             out.append(message)
         t0 = time.perf_counter()
         replies = [r for r in self._grid.send_and_receive(out, timeout=timeout) if not r.has_error()]
         if not replies:
             raise SecAggError("no client replied to the train round")
-        total, examples = None, 0
+        total = None
         for r in replies:
             _, trained = _single_array_record(r.content)
             if self.settings.update_mode == UPDATE_DELTA:
@@ -260,13 +264,23 @@ class SecureAggregationGrid:
                 update = {k: np.asarray(a.numpy(), dtype=np.float64) for k, a in trained.items()}
             vector, layout = flatten_arrays(update)
             total = vector if total is None else total + vector
-            examples += int(next((m["num-examples"] for m in r.content.metric_records.values()
-                                  if "num-examples" in m), 1))
         mean = self._release(total, len(replies))
         arrays = self._new_global(sent, unflatten_arrays(mean, layout))
         stats = RoundStats(self._round, len(messages), len(replies), len(messages) - len(replies), 0.0,
                            {"train": time.perf_counter() - t0})
-        return _aggregate_reply(messages[0], array_key, arrays, examples), stats
+        answered = {r.metadata.src_node_id for r in replies}
+        return _aggregate_replies(messages, answered, array_key, arrays), stats
+
+    def _layout(self, messages: list[Message], sent: dict[str, np.ndarray]) -> VectorLayout:
+        for m in messages[1:]:
+            _, record = _single_array_record(m.content)
+            if {k: tuple(a.shape) for k, a in record.items()} != {k: v.shape for k, v in sent.items()}:
+                raise SecAggError("secure aggregation needs every client to get (and send) the same shapes; "
+                                  "for heterogeneous ranks pad to the global rank first")
+        if self.settings.update_mode == UPDATE_DELTA:
+            return flatten_arrays(sent)[1]
+        layout = self.settings.layout
+        return layout(messages) if callable(layout) else layout
 
     def _release(self, total: np.ndarray, n_in_sum: int) -> np.ndarray:
         dp = self.settings.dp
@@ -299,7 +313,21 @@ def _copy_content(content: RecordDict) -> RecordDict:
     return copy
 
 
-def _aggregate_reply(template: Message, array_key: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
-    content = RecordDict({array_key: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": max(1, examples)})})
-    return Message(content, reply_to=template)
+def _is_noop(message: Message) -> bool:
+    config = message.content.config_records.get("config")
+    return bool(config is not None and config.get("noop", False))
+
+
+def _aggregate_replies(messages: list[Message], survivors: set[int], array_key: str,
+                       arrays: dict[str, np.ndarray]) -> list[Message]:
+    """One reply per surviving client, all carrying the aggregate with weight 1; errors for the rest."""
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    replies = []
+    for message in messages:
+        if message.metadata.dst_node_id in survivors:
+            content = RecordDict({array_key: record, "metrics": MetricRecord({"num-examples": 1})})
+            replies.append(Message(content, reply_to=message))
+        else:
+            replies.append(Message(Error(code=9002, reason="dropped out of the secure-aggregation round"),
+                                   reply_to=message))
+    return replies

@@ -173,7 +173,12 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     if reply.has_error():
         return reply
     key, trained_record = _single_array_record(reply.content, "the train reply")
-    update = ClientDPTransform(dp)(_update_arrays(sent, _numpy(trained_record), UPDATE_DELTA))
-    reply.content.array_records[key] = ArrayRecord(
-        {name: Array((sent[name] + update[name]).astype(sent[name].dtype)) for name in sent})
+    mode = str(record.get("update_mode", UPDATE_DELTA))
+    trained = _numpy(trained_record)
+    update = ClientDPTransform(dp)(_update_arrays(sent, trained, mode))
+    if mode == UPDATE_DELTA:
+        out = {name: (sent[name] + update[name]).astype(sent[name].dtype) for name in sent}
+    else:
+        out = {name: update[name].astype(trained[name].dtype) for name in trained}
+    reply.content.array_records[key] = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in out.items()})
     return reply

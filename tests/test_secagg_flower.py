@@ -44,8 +44,9 @@ def _run(settings: SecureAggregationSettings, rounds: int) -> tuple[dict, Secure
     def main(grid, context) -> None:
         wrapped = SecureAggregationGrid(grid, settings)
         initial = ArrayRecord({"lora_B": Array(np.zeros((4, 3), np.float32)), "bias": Array(np.zeros(5, np.float32))})
-        result = FedAvg(fraction_train=1.0, fraction_evaluate=0.0).start(grid=wrapped, initial_arrays=initial,
-                                                                         num_rounds=rounds)
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=N_CLIENTS,
+                          min_train_nodes=N_CLIENTS)
+        result = strategy.start(grid=wrapped, initial_arrays=initial, num_rounds=rounds)
         out["arrays"] = {k: v.numpy() for k, v in result.arrays.items()}
         out["grid"] = wrapped
 
