@@ -84,13 +84,22 @@ class Rejection:
 class LoraFedAvg(FedAvg):
     """FedAvg extended with LoRA-aware sampling, per-rank messages, checks and aggregation."""
 
-    def __init__(self, *, method: MethodSpec, global_rank: int, clients_per_round: int, seed: int,
-                 node_of_partition: dict[int, int], min_clients: int = 1, round_timeout: float = 600.0,
-                 summation: Summation = weighted_sum, **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
+        # FedOpt/FedProx call this through the MRO with Flower's own keyword arguments only
         kwargs.setdefault("fraction_evaluate", 0.0)  # the server evaluates the global adapter itself
-        kwargs.setdefault("min_available_nodes", clients_per_round)
-        kwargs.setdefault("min_train_nodes", clients_per_round)
         super().__init__(**kwargs)
+        self.summation: Summation = weighted_sum
+        self.sent: dict[int, SentUpdate] = {}
+        self.global_state: StateDict = {}
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.rejections: list[Rejection] = []
+        self.accepted: list[int] = []
+        self.client_metrics: dict[int, dict] = {}
+
+    def setup_lora(self, *, method: MethodSpec, global_rank: int, clients_per_round: int, seed: int,
+                   node_of_partition: dict[int, int], min_clients: int = 1, round_timeout: float = 600.0,
+                   summation: Summation = weighted_sum) -> LoraFedAvg:
         self.method = method
         self.global_rank = global_rank
         self.clients_per_round = clients_per_round
@@ -99,13 +108,9 @@ class LoraFedAvg(FedAvg):
         self.min_clients = min_clients
         self.round_timeout = round_timeout
         self.summation = summation
-        self.sent: dict[int, SentUpdate] = {}
-        self.global_state: StateDict = {}
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.rejections: list[Rejection] = []
-        self.accepted: list[int] = []
-        self.client_metrics: dict[int, dict] = {}
+        self.min_train_nodes = self.min_available_nodes = clients_per_round
+        self.fraction_evaluate = 0.0  # the server evaluates the global adapter itself
+        return self
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -218,15 +223,19 @@ def build_strategy(config: FederatedConfig, node_of_partition: dict[int, int],
                   seed=config.seed, node_of_partition=node_of_partition, min_clients=config.min_clients,
                   round_timeout=config.round_timeout, summation=summation)
     if config.strategy == "fedprox":
-        return LoraFedProx(proximal_mu=config.proximal_mu, **common)
-    if config.strategy == "fedadam":
+        strategy: LoraFedAvg = LoraFedProx(proximal_mu=config.proximal_mu)
+    elif config.strategy == "fedadam":
         # eta_l is only informational in Flower's FedAdam; tau keeps tiny LoRA moments stable
-        return LoraFedAdam(eta=config.server_lr, eta_l=config.lr, tau=1e-6, **common)
-    return LoraFedAvg(**common)
+        strategy = LoraFedAdam(eta=config.server_lr, eta_l=config.lr, tau=1e-6)
+    else:
+        strategy = LoraFedAvg()
+    return strategy.setup_lora(**common)
 
 
-def finalize(config: FederatedConfig, state: StateDict) -> tuple[StateDict, float]:
-    """The method's non-linear step after the (linear) strategy aggregation."""
+def finalize(config: FederatedConfig, state: StateDict, like: StateDict) -> tuple[StateDict, float]:
+    """The method's non-linear step after the (linear) strategy aggregation; the adapter keeps the
+    dtypes of `like` (FedAdam's numpy arithmetic would otherwise promote it to float64)."""
+    state = {k: v.to(like[k].dtype) if k in like else v for k, v in state.items()}
     if config.method in ("fedsvd", "hetlora"):
         return refactorize(state, config.rank)
     return state, 0.0
@@ -410,7 +419,7 @@ class FederatedRun:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             trunc = 0.0
             if new_arrays is not None:
-                state, trunc = finalize(cfg, new_arrays.to_torch_state_dict())
+                state, trunc = finalize(cfg, new_arrays.to_torch_state_dict(), state)
             train_s = time.perf_counter() - round_start
             eval_start = time.perf_counter()
             record = {

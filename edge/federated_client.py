@@ -113,21 +113,26 @@ def _runtime(config: ConfigRecord) -> tuple[AdaptedModel, object]:
     return _MODELS[model_key], _CORPORA[data_key]
 
 
-def _faults(config: ConfigRecord) -> dict[int, str]:
-    """Deliberate misbehaviour per partition ("3:nan,5:crash"), to exercise the server's checks."""
+def _faults(config: ConfigRecord, server_round: int) -> dict[int, str]:
+    """Deliberate misbehaviour per partition, to exercise the server's checks: "3:nan,5:crash@2"
+    (KIND in nan, inf, shape, crash, slow, hang; "@R" limits it to round R)."""
     out = {}
     for item in filter(None, str(config.get("faults", "")).split(",")):
         pid, _, kind = item.partition(":")
-        out[int(pid)] = kind
+        kind, _, only_round = kind.partition("@")
+        if not only_round or int(only_round) == server_round:
+            out[int(pid)] = kind
     return out
 
 
 def _inject_fault(kind: str, update: StateDict, timeout: float) -> StateDict:
     if kind == "crash":
         raise RuntimeError("injected client crash")
-    if kind == "slow":
+    if kind == "slow":  # past the round timeout: the server must go on without this client
         time.sleep(timeout + 2.0)
         return update
+    if kind == "hang":  # a client that never answers (tests kill the run meanwhile)
+        time.sleep(3600)
     key = sorted(update)[0]
     bad = dict(update)
     if kind == "nan":
@@ -190,7 +195,7 @@ def train(msg: Message, context: Context) -> Message:
                         config=dict(config))
     for transform in build_update_pipeline(str(config.get("transforms", ""))):
         update = transform(update, ctx)
-    fault = _faults(config).get(pid)
+    fault = _faults(config, server_round).get(pid)
     if fault:
         update = _inject_fault(fault, update, float(config.get("round-timeout", 0.0)))
     metrics["train-s"] = time.perf_counter() - started

@@ -1,0 +1,161 @@
+"""Federated LoRA end to end on a tiny model with real Flower, Ray and peft: a 2-round simulation,
+bad updates left out with their reasons, and `--resume` after a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloud.federated_config import FederatedConfig
+from fedge.data import load_corpus
+from peft_methods.aggregation import LORA_B, lora_pairs
+
+GROUPS = ("json", "email", "http", "asyncio", "logging")
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory) -> Path:
+    """Five natural clients of real text: chunks of five stdlib packages' sources (fast to load)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("fed") / "corpus.jsonl"
+    with path.open("w") as f:
+        for group in GROUPS:
+            text = "".join(p.read_text(encoding="utf-8", errors="replace")
+                           for p in sorted((stdlib / group).glob("*.py"))[:4])
+            for i in range(12):
+                f.write(json.dumps({"text": text[i * 600:(i + 1) * 600], "group": group}) + "\n")
+    return path
+
+
+def make_config(corpus_path: Path, tmp: Path, **overrides) -> FederatedConfig:
+    base = dict(model="tiny-random-llama", data=f"jsonl:{corpus_path}", partition="natural", num_clients=4,
+                clients_per_round=2, rounds=2, method="ffa", rank=4, steps=2, batch_size=2, seq_len=48,
+                lr=1e-2, eval_examples=2, noop_rounds=2, round_timeout=120, checkpoint_dir=str(tmp / "ckpt"))
+    base.update(overrides)
+    return FederatedConfig(**base)
+
+
+def run(config: FederatedConfig):
+    from simulations.federated import run_federated
+
+    corpus = load_corpus(config.data, config.partition, num_clients=config.num_clients, seed=config.seed)
+    result, _ = run_federated(config, corpus)
+    return result
+
+
+def test_two_rounds_four_clients_on_flower_and_ray(corpus_path, tmp_path):
+    from peft import PeftModel
+
+    from fedge.models import load_model
+    from simulations.federated import save_adapter
+
+    config = make_config(corpus_path, tmp_path)
+    result = run(config)
+    records = result.records
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert len(r["accepted"]) == 2 and not r["rejected"]
+        assert set(r["personal_loss"]) == set(r["accepted"])
+        assert r["worst_client_loss"] == max(r["client_loss"].values())
+        # FFA-LoRA: only B travels up, the whole adapter (A and B) comes down
+        assert 0 < r["bytes_up"] < r["bytes_down"]
+    assert records[-1]["global_loss"] < records[0]["global_loss"]  # training helped on held-out text
+    assert len(result.overhead_rounds_s) == 2
+    # A stayed at the shared seeded init, B moved
+    init_model, _ = load_model("tiny-random-llama")
+    final = result.final_state
+    assert any(torch.any(final[b] != 0) for _, b in lora_pairs(final).values())
+    # the global adapter is a peft adapter: PeftModel.from_pretrained on the base model loads it
+    save_adapter(config, final, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(init_model, str(tmp_path / "adapter"))
+    from peft import get_peft_model_state_dict
+
+    for key, value in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(value, final[key])
+
+
+def test_bad_updates_are_left_out_with_reasons(corpus_path, tmp_path):
+    config = make_config(corpus_path, tmp_path, num_clients=5, clients_per_round=5, rounds=1, noop_rounds=0,
+                         faults="0:nan,1:inf,2:shape,3:crash", method="fedsvd")
+    result = run(config)
+    record = result.records[-1]
+    names = sorted(record["client_loss"])  # natural clients sorted by name, as partition ids
+    reasons = {r["client"]: r["reason"] for r in record["rejected"]}
+    assert record["accepted"] == [names[4]]
+    assert "NaN" in reasons[names[0]] or "non-finite" in reasons[names[0]]
+    assert "non-finite" in reasons[names[1]]
+    assert "wrong shape" in reasons[names[2]]
+    assert "client failed" in reasons[names[3]] and "injected client crash" in reasons[names[3]]
+    # the round completed with the one good client, and the adapter stayed finite
+    assert all(torch.isfinite(v).all() for v in result.final_state.values())
+    assert record["global_loss"] != result.records[0]["global_loss"]
+
+
+def test_resume_after_kill_ends_with_the_same_adapter(corpus_path, tmp_path):
+    from safetensors.torch import load_file
+
+    common = dict(num_clients=4, clients_per_round=3, rounds=2, method="hetlora", strategy="fedadam",
+                  server_lr=1e-3, noop_rounds=0)
+    uninterrupted = run(make_config(corpus_path, tmp_path / "a", **common)).final_state
+
+    # the same run as a CLI process, killed (SIGKILL) while round 2 is under way
+    ckpt = tmp_path / "b" / "ckpt"
+    cfg = make_config(corpus_path, tmp_path / "b", **common)
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "federated", "--model", cfg.model,
+           "--data", cfg.data, "--clients", "4", "--clients-per-round", "3", "--rounds", "2",
+           "--method", "hetlora", "--strategy", "fedadam", "--server-lr", "1e-3", "--rank", "4",
+           "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--lr", "1e-2", "--eval-examples", "2",
+           "--noop-rounds", "0", "--no-baselines", "--checkpoint-dir", str(ckpt.parent),
+           "--out", str(tmp_path / "b" / "out"), "--json", str(tmp_path / "b" / "f.json"),
+           "--faults", ",".join(f"{p}:hang@2" for p in range(4))]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = ckpt.parent / "hetlora" / "latest"
+    try:
+        deadline = time.time() + 240
+        while not (marker.exists() and marker.read_text().strip() == "round-0001"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never checkpointed round 1"
+            time.sleep(0.2)
+        time.sleep(1.0)  # round 2 is now waiting on hanging clients
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (ckpt.parent / "hetlora" / "round-0002").exists()
+
+    resumed_cfg = replace(cfg, checkpoint_dir=str(ckpt.parent / "hetlora"), resume=True)
+    result = run(resumed_cfg)
+    assert result.resumed_from == 1
+    assert [r["round"] for r in result.records] == [0, 1, 2]
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(result.final_state[key], value, atol=0, rtol=0)
+    saved = load_file(str(ckpt.parent / "hetlora" / "round-0002" / "adapter.safetensors"))
+    assert set(saved) == set(uninterrupted)
+    assert any(LORA_B in k for k in saved)
+
+
+def test_resume_refuses_a_different_run(corpus_path, tmp_path):
+    from cloud.federated_server import save_checkpoint
+
+    config = make_config(corpus_path, tmp_path)
+    # a checkpoint written by a run with another rank
+    other = replace(config, rank=2)
+
+    class NoState:
+        def state_arrays(self):
+            return {}
+
+    save_checkpoint(Path(config.checkpoint_dir), 1, {"x.lora_A.weight": torch.zeros(2, 3)}, NoState(),
+                    {"round": 1, "identity": other.identity(), "config": {}, "seed": 0, "records": []})
+    with pytest.raises(ValueError, match="different run configuration"):
+        run(replace(config, resume=True))
