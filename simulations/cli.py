@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     edge_gen.add_argument("--loss", type=float, default=0.0)
     edge_gen.set_defaults(func=_run("edge.client"))
 
+    privacy = sub.add_parser("privacy", help="privacy experiments: DP vs attacks, secure-aggregation cost")
+    privacy_sub = privacy.add_subparsers(dest="action", required=True)
+    from simulations.privacy_args import add_privacy_arguments
+
+    add_privacy_arguments(privacy_sub)
+    privacy.set_defaults(func=_run("simulations.privacy"))
+
     sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
     return parser
 
