@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,11 +47,14 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float) -> float:
-    """Median wall time of fn in milliseconds (after one warm-up call, which also compiles)."""
+    """Wall time of fn in milliseconds after one warm-up call (which also compiles): the median of
+    do_bench's CUDA-event timings on a GPU; on CPU the best of the repetitions, the estimate least
+    disturbed by other processes on a shared machine."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(int(budget_s * 1000), 50)))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(int(budget_s * 1000), 50),
+                                             return_mode="median"))
     fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -60,7 +62,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float) -> 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return min(times) * 1e3
 
 
 def peak_bandwidth_gbps(device: torch.device) -> tuple[float | None, str]:
@@ -277,6 +279,9 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"fedge: unknown ops {unknown}; choose from {', '.join(OPS)}")
         return 2
+    if getattr(args, "threads", 0):
+        # on a shared machine one thread avoids OpenMP barriers waiting on a descheduled sibling
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, peak, peak_source = run(device, ops, args.quick, args.budget)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (

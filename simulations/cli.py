@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernel_bench.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     kernel_bench.add_argument("--quick", action="store_true", help="fewer and smaller shapes")
     kernel_bench.add_argument("--budget", type=float, default=0.5, help="seconds of timing per function")
+    kernel_bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     kernel_bench.set_defaults(func=_run("simulations.bench_kernels"))
 
     certs = sub.add_parser("certs", help="TLS certificates and device identities").add_subparsers(
