@@ -304,6 +304,19 @@ class FederatedRun:
         self.summation = summation
         self.result = FederatedResult()
         self.error: BaseException | None = None
+        self.checkpoint = self._load_resume_checkpoint() if config.resume else None
+
+    def _load_resume_checkpoint(self):
+        """Checked before any simulation starts: a missing or foreign checkpoint is a clear error."""
+        ckpt_dir = Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
+        loaded = load_checkpoint(ckpt_dir) if ckpt_dir else None
+        if loaded is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        payload = loaded[2]
+        if payload["identity"] != self.config.identity():
+            raise ValueError(f"--resume: checkpoint in {ckpt_dir} is of a different run configuration "
+                             f"({payload['config']}); refusing to mix runs")
+        return loaded
 
     def server_app(self) -> ServerApp:
         app = ServerApp()
@@ -390,14 +403,8 @@ class FederatedRun:
         state = evaluator.get_state()
         first_round = 1
         ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        if cfg.resume:
-            loaded = load_checkpoint(ckpt_dir) if ckpt_dir else None
-            if loaded is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-            state, strategy_arrays, payload = loaded
-            if payload["identity"] != cfg.identity():
-                raise ValueError(f"--resume: checkpoint in {ckpt_dir} is of a different run configuration "
-                                 f"({payload['config']}); refusing to mix runs")
+        if self.checkpoint is not None:
+            state, strategy_arrays, payload = self.checkpoint
             strategy.load_state_arrays(strategy_arrays)
             self.result.records = payload["records"]
             first_round = payload["round"] + 1

@@ -53,33 +53,41 @@ def run(config: FederatedConfig):
     return result
 
 
-def test_two_rounds_four_clients_on_flower_and_ray(corpus_path, tmp_path):
-    from peft import PeftModel
+# HetLoRA (ranks 4, 2, 1) under Flower's FedAdam: the most state a resume has to restore
+RUN = dict(num_clients=4, clients_per_round=3, rounds=2, method="hetlora", strategy="fedadam", server_lr=1e-2,
+           noop_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus_path, tmp_path_factory):
+    config = make_config(corpus_path, tmp_path_factory.mktemp("run"), **RUN)
+    return config, run(config)
+
+
+def test_two_rounds_four_clients_on_flower_and_ray(uninterrupted, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
 
     from fedge.models import load_model
     from simulations.federated import save_adapter
 
-    config = make_config(corpus_path, tmp_path)
-    result = run(config)
+    config, result = uninterrupted
     records = result.records
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert len(r["accepted"]) == 2 and not r["rejected"]
+        assert len(r["accepted"]) == 3 and not r["rejected"]
         assert set(r["personal_loss"]) == set(r["accepted"])
         assert r["worst_client_loss"] == max(r["client_loss"].values())
-        # FFA-LoRA: only B travels up, the whole adapter (A and B) comes down
+        # only B travels up (at each client's rank); the adapter (A and B) comes down
         assert 0 < r["bytes_up"] < r["bytes_down"]
     assert records[-1]["global_loss"] < records[0]["global_loss"]  # training helped on held-out text
     assert len(result.overhead_rounds_s) == 2
-    # A stayed at the shared seeded init, B moved
-    init_model, _ = load_model("tiny-random-llama")
     final = result.final_state
+    assert all(v.dtype == torch.float32 for v in final.values())
     assert any(torch.any(final[b] != 0) for _, b in lora_pairs(final).values())
     # the global adapter is a peft adapter: PeftModel.from_pretrained on the base model loads it
     save_adapter(config, final, tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(init_model, str(tmp_path / "adapter"))
-    from peft import get_peft_model_state_dict
-
+    base, _ = load_model("tiny-random-llama")
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     for key, value in get_peft_model_state_dict(loaded).items():
         torch.testing.assert_close(value, final[key])
 
@@ -101,19 +109,17 @@ def test_bad_updates_are_left_out_with_reasons(corpus_path, tmp_path):
     assert record["global_loss"] != result.records[0]["global_loss"]
 
 
-def test_resume_after_kill_ends_with_the_same_adapter(corpus_path, tmp_path):
+def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(num_clients=4, clients_per_round=3, rounds=2, method="hetlora", strategy="fedadam",
-                  server_lr=1e-3, noop_rounds=0)
-    uninterrupted = run(make_config(corpus_path, tmp_path / "a", **common)).final_state
-
+    uninterrupted = uninterrupted[1].final_state
+    common = RUN | {"noop_rounds": 0}
     # the same run as a CLI process, killed (SIGKILL) while round 2 is under way
     ckpt = tmp_path / "b" / "ckpt"
     cfg = make_config(corpus_path, tmp_path / "b", **common)
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "federated", "--model", cfg.model,
            "--data", cfg.data, "--clients", "4", "--clients-per-round", "3", "--rounds", "2",
-           "--method", "hetlora", "--strategy", "fedadam", "--server-lr", "1e-3", "--rank", "4",
+           "--method", "hetlora", "--strategy", "fedadam", "--server-lr", "1e-2", "--rank", "4",
            "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--lr", "1e-2", "--eval-examples", "2",
            "--noop-rounds", "0", "--no-baselines", "--checkpoint-dir", str(ckpt.parent),
            "--out", str(tmp_path / "b" / "out"), "--json", str(tmp_path / "b" / "f.json"),
@@ -137,8 +143,14 @@ def test_resume_after_kill_ends_with_the_same_adapter(corpus_path, tmp_path):
     result = run(resumed_cfg)
     assert result.resumed_from == 1
     assert [r["round"] for r in result.records] == [0, 1, 2]
+    # Equal to float32 rounding: which Ray actor trains which client varies between runs, and float32
+    # kernels may round differently by a unit in the last place. A resume that lost any state (Adam
+    # moments, round number, sampling, seeds) is off by orders of magnitude more, as round 2 is:
+    round1 = load_file(str(ckpt.parent / "hetlora" / "round-0001" / "adapter.safetensors"))
     for key, value in uninterrupted.items():
-        torch.testing.assert_close(result.final_state[key], value, atol=0, rtol=0)
+        torch.testing.assert_close(result.final_state[key], value, atol=1e-7, rtol=1e-5)
+    moved = max(float((uninterrupted[k] - round1[k]).abs().max()) for k in uninterrupted if LORA_B in k)
+    assert moved > 1e-4
     saved = load_file(str(ckpt.parent / "hetlora" / "round-0002" / "adapter.safetensors"))
     assert set(saved) == set(uninterrupted)
     assert any(LORA_B in k for k in saved)
