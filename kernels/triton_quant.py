@@ -93,6 +93,8 @@ def _launch(x, w, s_table, s_stride_group, s_stride_n, bias, n, k, group_size, b
     if block_k is None:
         block_k = 64 if use_dot else 256
     block_k = min(block_k, max(triton.next_power_of_2(k), 2))
+    if use_dot:  # tl.dot needs an inner dimension of at least 16 (int4 splits the tile in two)
+        block_k = max(block_k, 32 if bits == 4 else 16)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_matmul_kernel[grid](
         flat, flat.stride(0), w, w.stride(0), s_table, s_stride_group, s_stride_n,
