@@ -230,3 +230,47 @@ def default_draft_dir(target: str, keep_layers: int | None, quant: str) -> Path:
 
     base = Path(resolve_model(target)).name if "/" in target else target
     return cache_dir() / "drafts" / f"{base}-L{keep_layers or 'all'}-{quant}"
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def merge_adapter_into_draft(draft: nn.Module, adapter_dir: str | Path) -> int:
+    """Fold a peft LoRA adapter (the federation's global adapter) into the draft's weights.
+
+    A quantised layer is de-quantised, gets scale * B @ A added, and is re-quantised the same way,
+    so the draft tracks the adapted target without a LoRA forward per layer. Layers the draft
+    dropped are skipped. Returns the number of layers changed.
+    """
+    from safetensors.torch import load_file as load_tensors
+
+    from kernels.quant import Int4Linear
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        raise DraftError("DoRA adapters cannot be folded into a quantised draft; use LoRA")
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    state = load_tensors(str(adapter_dir / "adapter_model.safetensors"))
+    changed = 0
+    with torch.no_grad():
+        for key_a, tensor_a in state.items():
+            if ".lora_A." not in key_a:
+                continue
+            tensor_b = state[key_a.replace(".lora_A.", ".lora_B.")]
+            name = key_a.split(".lora_A.")[0].removeprefix("base_model.model.")
+            try:
+                module = draft.get_submodule(name)
+            except AttributeError:
+                continue  # a layer the draft does not keep
+            delta = scale * tensor_b.float() @ tensor_a.float()
+            if isinstance(module, nn.Linear):
+                module.weight += delta.to(module.weight.dtype)
+            else:
+                weight = module.dequantize() + delta
+                group = module.group_size if isinstance(module, Int4Linear) else 0
+                quant = "int4" if isinstance(module, Int4Linear) else "int8"
+                parent, child = name.rsplit(".", 1)
+                setattr(draft.get_submodule(parent), child, quantize_linear(weight, quant, group or 32))
+            changed += 1
+    return changed

@@ -222,3 +222,27 @@ def test_real_compressed_draft_is_lossless_on_default_model(smollm2, tmp_path):
         drafted += result.stats.drafted
         accepted += result.stats.accepted
     assert accepted / drafted > 0.5  # the compressed draft is a useful draft
+
+
+def test_global_adapter_folds_into_quantised_draft(tiny, tmp_path):
+    """The federation's peft adapter, folded into an int8 draft, moves it toward the adapted target."""
+    from peft import LoraConfig, get_peft_model
+
+    from edge.draft import merge_adapter_into_draft
+
+    target, tok = tiny
+    adapted = get_peft_model(copy.deepcopy(target), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapted.save_pretrained(tmp_path / "adapter")
+    build_draft(DraftSpec(target="tiny-random-llama", quant="int8"), tmp_path / "d")
+    draft, _, _ = load_draft(tmp_path / "d")
+    ids = torch.tensor([tok("def merged(x): return x")["input_ids"]])
+    with torch.no_grad():
+        want = adapted(ids).logits
+        before = (draft(ids).logits.float() - want).abs().mean()
+        assert merge_adapter_into_draft(draft, tmp_path / "adapter") == 2 * target.config.num_hidden_layers
+        after = (draft(ids).logits.float() - want).abs().mean()
+    assert after < 0.5 * before
