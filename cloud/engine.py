@@ -82,6 +82,7 @@ class VerifierEngine:
         self._lock = threading.Lock()  # the session table; rounds of one session never overlap
         self._forward_lock = threading.Lock()  # one target forward at a time (cores are shared)
         self.forwards = 0
+        self.forward_s = 0.0
         self.tokens_generated = 0
         self.batch_sizes: list[int] = []
 
@@ -208,7 +209,9 @@ class VerifierEngine:
                 pending = session.tokens[-1:]
             rows.append(Row(session.kv, pending + list(rnd.draft_ids), len(rnd.draft_ids) + 1))
         with self._forward_lock:
+            t0 = time.perf_counter()
             logits = batched_forward(self.model, rows)
+            self.forward_s += time.perf_counter() - t0
             self.forwards += 1
         self.batch_sizes.append(len(rows))
         greedy = [j for j, (_, s, _, _) in enumerate(work) if s.params.greedy]
@@ -255,7 +258,7 @@ class VerifierEngine:
     def info(self) -> dict:
         with self._lock:
             n = len(self.sessions)
-        return {"sessions": n, "vocab_size": self.vocab_size, "forwards": self.forwards,
+        return {"sessions": n, "vocab_size": self.vocab_size, "forwards": self.forwards, "forward_s": self.forward_s,
                 "tokens_generated": self.tokens_generated, "model_fingerprint": self.model_fingerprint,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0}

@@ -6,8 +6,9 @@ Layout: this process starts (or joins) Ray and runs one Serve application per ve
 each a single replica holding its sessions' KV caches in memory. Session ids name their shard
 (`s<shard>-<hex>`), so the gRPC ingress (a grpc.aio server in this process) routes every round of
 a session to the replica that holds its cache: strict session affinity with several replicas.
-Within a replica, `serve.batch` gathers the Verify rounds (and cloud-only Generate steps) that
-arrive together and runs them as one target forward.
+Within a replica a continuous-batching scheduler runs one target forward per step over every
+Verify round that has arrived (any session, ragged drafts) plus one decoding step of every
+cloud-only Generate in flight.
 
 Limits, each refused with its own status code: sessions per replica (RESOURCE_EXHAUSTED), draft
 length and malformed input (INVALID_ARGUMENT), message size (RESOURCE_EXHAUSTED, enforced by gRPC),
@@ -34,6 +35,15 @@ from kernels.verify import SamplingParams
 from protocol import fedge_pb2, fedge_pb2_grpc
 
 DEFAULT_PORT = 50051
+
+
+@dataclass
+class _Generation:
+    """A cloud-only generation in flight: where its tokens go, and when it ends."""
+
+    queue: asyncio.Queue
+    remaining: int
+    stop: set[int]
 
 
 @dataclass
@@ -69,8 +79,13 @@ def _serve_deployment():
             model, tokenizer = load_model(cfg.model)
             self.engine = VerifierEngine(model, model_fingerprint(model), tokenizer_fingerprint(tokenizer),
                                          cfg.limits, shard, tuple(AdapterRegistry(cfg.adapters_dir).versions()))
-            self.verify_batch.set_max_batch_size(cfg.limits.max_batch)
-            self.verify_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+            self.max_batch = cfg.limits.max_batch
+            self.batch_wait_s = cfg.batch_wait_ms / 1000
+            # continuous batching: rounds waiting for a forward, and cloud-only generations in flight
+            self._pending: list[tuple[Round, asyncio.Future]] = []
+            self._gens: dict[str, _Generation] = {}
+            self._wakeup: asyncio.Event | None = None
+            self._scheduler: asyncio.Task | None = None
             self._stop = threading.Event()
             threading.Thread(target=self._reap, daemon=True).start()
 
@@ -79,13 +94,59 @@ def _serve_deployment():
             while not self._stop.wait(period):
                 self.engine.expire_idle()
 
+        def _ensure_scheduler(self) -> None:
+            # created on first use, on the event loop that runs this replica's methods
+            if self._scheduler is None or self._scheduler.done():
+                self._wakeup = asyncio.Event()
+                self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+        async def _schedule(self) -> None:
+            """One target forward per step over every round that is ready: the Verify rounds that
+            arrived (from any session) and one decoding step of every cloud-only generation.
+
+            Cloud-only sessions never leave the batch between tokens (no network round trip per
+            step), which is the strongest cloud-only baseline this replica can offer."""
+            assert self._wakeup is not None
+            while True:
+                if not self._pending and not self._gens:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                if not self._gens and len(self._pending) < self.max_batch and self.batch_wait_s > 0:
+                    await asyncio.sleep(self.batch_wait_s)  # let rounds in flight join this forward
+                batch = self._pending[:self.max_batch]
+                del self._pending[:len(batch)]
+                room = self.max_batch - len(batch)
+                gen_ids = list(self._gens)[:room]
+                for sid in gen_ids:  # rotate, so more generations than `room` take turns
+                    self._gens[sid] = self._gens.pop(sid)
+                rounds = [r for r, _ in batch]
+                for sid in gen_ids:
+                    session = self.engine.sessions.get(sid)
+                    rounds.append(Round(sid, len(session.tokens) if session else -1, []))
+                try:
+                    replies = await asyncio.to_thread(self.engine.verify_many, rounds)
+                except Exception as exc:  # a bug: fail this step's callers, keep serving
+                    replies = [VerifierError("INTERNAL", f"{type(exc).__name__}: {exc}").as_dict()] * len(rounds)
+                for (_, fut), reply in zip(batch, replies, strict=False):
+                    if not fut.done():
+                        fut.set_result(reply)
+                for sid, reply in zip(gen_ids, replies[len(batch):], strict=True):
+                    gen = self._gens.get(sid)
+                    if gen is None:
+                        continue
+                    gen.remaining -= 1
+                    gen.queue.put_nowait(reply)
+                    if "error" in reply or reply["next_id"] in gen.stop or gen.remaining <= 0:
+                        gen.queue.put_nowait(None)
+                        del self._gens[sid]
+
         async def open_session(self, req: dict) -> dict:
             try:
                 params = SamplingParams(**req["sampling"])
             except ValueError as exc:
                 return VerifierError("INVALID_ARGUMENT", str(exc)).as_dict()
             try:
-                # the prefill forward runs off the event loop so queued rounds keep batching
+                # the prefill forward runs off the event loop so the scheduler keeps going
                 return await asyncio.to_thread(
                     self.engine.open_session, req["tokenizer_fingerprint"], req["model_fingerprint"],
                     req["adapter_version"], params, req["prompt_ids"], req["seed"])
@@ -93,24 +154,38 @@ def _serve_deployment():
                 return exc.as_dict()
 
         async def verify(self, rnd: dict) -> dict:
-            return await self.verify_batch(Round(**rnd))
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
-        async def verify_batch(self, rounds: list[Round]) -> list[dict]:
-            return await asyncio.to_thread(self.engine.verify_many, rounds)
+            self._ensure_scheduler()
+            fut = asyncio.get_running_loop().create_future()
+            self._pending.append((Round(**rnd), fut))
+            self._wakeup.set()
+            return await fut
 
         async def generate(self, session_id: str, max_new_tokens: int, stop_ids: list[int]):
-            """Cloud-only serving: one empty-draft round per token, batched with everything else."""
-            session = self.engine.sessions.get(session_id)
-            if session is None:
-                yield VerifierError("NOT_FOUND", f"unknown session {session_id!r}").as_dict()
+            """Cloud-only serving: the scheduler adds one token per step; tokens that pile up
+            while the consumer is busy are sent together."""
+            self._ensure_scheduler()
+            if session_id not in self.engine.sessions:
+                yield [VerifierError("NOT_FOUND", f"unknown session {session_id!r}").as_dict()]
                 return
-            stop = set(stop_ids)
-            for _ in range(max_new_tokens):
-                reply = await self.verify_batch(Round(session_id, len(session.tokens), []))
-                yield reply
-                if "error" in reply or reply["next_id"] in stop:
-                    return
+            if session_id in self._gens:
+                yield [VerifierError("ABORTED", "this session is already generating").as_dict()]
+                return
+            gen = _Generation(asyncio.Queue(), max_new_tokens, set(stop_ids))
+            self._gens[session_id] = gen
+            self._wakeup.set()
+            try:
+                while True:
+                    items = [await gen.queue.get()]
+                    while not gen.queue.empty():
+                        items.append(gen.queue.get_nowait())
+                    done = items[-1] is None
+                    items = [i for i in items if i is not None]
+                    if items:
+                        yield items
+                    if done:
+                        return
+            finally:
+                self._gens.pop(session_id, None)  # the caller went away: stop generating for it
 
         async def close_session(self, session_id: str) -> bool:
             return self.engine.close_session(session_id)
@@ -201,10 +276,13 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
         stream = self.handles[shard].options(stream=True).generate.remote(
             request.session_id, request.max_new_tokens, list(request.stop_ids))
-        async for reply in stream:
-            if "error" in reply:
-                await context.abort(_status(reply["error"]), reply["message"])
-            yield fedge_pb2.GenerateReply(token_ids=[reply["next_id"]])
+        async for replies in stream:
+            tokens = []
+            for reply in replies:
+                if "error" in reply:
+                    await context.abort(_status(reply["error"]), reply["message"])
+                tokens.append(reply["next_id"])
+            yield fedge_pb2.GenerateReply(token_ids=tokens)
 
     async def CloseSession(self, request, context):
         shard = await self._route(request.session_id, context)
@@ -221,7 +299,7 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             max_sessions=lim.max_sessions * len(self.handles), max_draft_len=lim.max_draft_len,
             max_message_bytes=self.cfg.max_message_bytes, idle_timeout_s=lim.idle_timeout_s,
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i["forwards"] for i in infos),
-            tokens_generated=sum(i["tokens_generated"] for i in infos),
+            tokens_generated=sum(i["tokens_generated"] for i in infos), forward_s=sum(i["forward_s"] for i in infos),
             adapter_versions=self.registry.versions())
 
 

@@ -84,6 +84,9 @@ class EdgeConfig:
     backoff_max_s: float = 5.0
     draft_while_offline: bool = True
     reconcile_wait_s: float = 0.0  # at the end, how long to wait for the cloud to verify the tail
+    # the per-token draft time k is chosen with; None = as measured here. A simulation whose phones
+    # share a few cores sets each phone's own (uncontended) drafting speed: its drafting budget
+    draft_budget_s: float | None = None
     network: NetworkProfile | None = None
 
 
@@ -396,6 +399,8 @@ class EdgeClient:
                 stats.batch_sizes.append(reply.batch_size)
                 if not tail:
                     controller.record(k, n, draft_s, round_s)
+                    if cfg.draft_budget_s is not None:
+                        controller.draft_s = cfg.draft_budget_s
                     stats.drafted += k
                     stats.accepted += n
                     stats.draft_s += draft_s

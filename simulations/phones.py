@@ -58,6 +58,7 @@ class ModeResult:
     cloud_cpu_s: float
     latencies_s: list[float]
     forwards: int
+    forward_s: float
     acceptance: float = 0.0
     mean_k: float = 0.0
     mean_batch: float = 0.0
@@ -161,8 +162,24 @@ def _run_mode(mode: str, clients, prompts: list[list[int]], max_new: int, stop: 
         cloud_cpu_s=health1.cloud_cpu_s - health0.cloud_cpu_s,
         latencies_s=[x for r in results for x in r.stats.token_latency_s],
         forwards=health1.target_forwards - health0.target_forwards,
+        forward_s=health1.forward_s - health0.forward_s,
         acceptance=sum(r.stats.accepted for r in results) / drafted if drafted else 0.0,
         mean_k=sum(ks) / len(ks) if ks else 0.0, mean_batch=sum(batches) / len(batches) if batches else 0.0)
+
+
+def measure_draft_s(draft, prompt_ids: list[int], tokens: int = 16) -> float:
+    """Seconds per drafted token of one phone drafting alone (median of a few proposals)."""
+    from edge.speculative import DraftSession
+    from kernels.verify import SamplingParams
+
+    session = DraftSession(draft, prompt_ids, SamplingParams())
+    session.propose(2)  # warm-up
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        session.propose(tokens)
+        times.append((time.perf_counter() - start) / tokens)
+    return sorted(times)[1]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -213,11 +230,16 @@ def main(args: argparse.Namespace) -> int:
     # the phones draft on this machine too: one thread each, so they do not fight the cloud for
     # intra-op threads; the cloud's cost is measured as its own CPU time regardless
     torch.set_num_threads(1)
+    draft_s = measure_draft_s(draft, prompts[0])
+    console.print(f"draft: {draft_s * 1000:.1f} ms/token on one thread, uncontended (each phone's drafting budget)")
     try:
         clients = []
         for i in range(args.phones):
             net = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss, seed=i)
-            cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0)
+            # the phones share this machine's cores, so each one's measured drafting time is inflated
+            # by the others; k is chosen with the speed a phone drafts at on its own
+            cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0,
+                             draft_budget_s=draft_s)
             clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer))
         # warm-up outside the measurement (first-call costs in the replica and the client)
         clients[0].generate_ids(prompts[0], 4, stop_ids=stop)
@@ -244,6 +266,7 @@ def main(args: argparse.Namespace) -> int:
         "phones": args.phones, "rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
         "bandwidth_mbps": args.bandwidth_mbps, "loss": args.loss, "model": args.model, "draft": str(draft_dir),
         "draft_quant": info.quant, "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(),
+        "draft_ms_per_token_alone": draft_s * 1000,
         "cloud_tokens_per_s_cloud_only": co.tokens_per_s,
         "cloud_tokens_per_s_edge_assisted": ea.tokens_per_s,
         "cloud_cpu_s_per_token_cloud_only": co.cpu_s_per_token,
@@ -258,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         "cloud_cpu_s_cloud_only": co.cloud_cpu_s, "cloud_cpu_s_edge_assisted": ea.cloud_cpu_s,
         "target_forwards_cloud_only": co.forwards, "target_forwards_edge_assisted": ea.forwards,
         "acceptance_rate": ea.acceptance, "mean_k": ea.mean_k, "mean_batch_edge_assisted": ea.mean_batch,
+        "cloud_forward_s_cloud_only": co.forward_s, "cloud_forward_s_edge_assisted": ea.forward_s,
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -271,6 +295,8 @@ def main(args: argparse.Namespace) -> int:
     table.add_row("cloud tokens/s", f"{co.tokens_per_s:.1f}", f"{ea.tokens_per_s:.1f}")
     table.add_row("cloud CPU s/token", f"{co.cpu_s_per_token * 1000:.1f} ms", f"{ea.cpu_s_per_token * 1000:.1f} ms")
     table.add_row("target forwards", str(co.forwards), str(ea.forwards))
+    table.add_row("cloud forward s / CPU s", f"{co.forward_s:.1f} / {co.cloud_cpu_s:.1f}",
+                  f"{ea.forward_s:.1f} / {ea.cloud_cpu_s:.1f}")
     table.add_row("p50 ms/token", f"{co.pct_ms(0.5):.0f}", f"{ea.pct_ms(0.5):.0f}")
     table.add_row("p95 ms/token", f"{co.pct_ms(0.95):.0f}", f"{ea.pct_ms(0.95):.0f}")
     table.add_row("acceptance / mean k / mean batch", "", f"{ea.acceptance:.2f} / {ea.mean_k:.1f} / "
