@@ -35,6 +35,7 @@ class FederatedConfig:
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 1.0  # FedAdam's eta
     eval_examples: int = 2  # held-out examples per client for evaluation
+    eval_clients: int = 0  # evaluate the global adapter on this many clients (seeded sample); 0 = all
     seed: int = 0
     round_timeout: float = 600.0
     min_clients: int = 1  # a round with fewer good updates leaves the global adapter unchanged

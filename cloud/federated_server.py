@@ -382,8 +382,11 @@ class FederatedRun:
         base = evaluator.model.get_base_model()
         self.result.model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         pad_id = pad_token_id(evaluator.tokenizer)
+        eval_clients = [c for c in self.corpus.clients if c.heldout]
+        if 0 < cfg.eval_clients < len(eval_clients):  # many virtual clients: a fixed seeded sample
+            eval_clients = random.Random(f"fedge-eval:{cfg.seed}").sample(eval_clients, cfg.eval_clients)
         eval_sets = {c.name: eval_windows(c.heldout, evaluator.tokenizer, cfg.eval_examples, cfg.seq_len)
-                     for c in self.corpus.clients}
+                     for c in eval_clients}
 
         def evaluate(state: StateDict) -> dict:
             evaluator.set_state(state)

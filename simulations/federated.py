@@ -258,6 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
     parser.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam eta")
     parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
+    parser.add_argument("--eval-clients", type=int, default=d.eval_clients,
+                        help="evaluate on a seeded sample of this many clients (0 = all)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--round-timeout", type=float, default=d.round_timeout)
     parser.add_argument("--min-clients", type=int, default=d.min_clients)
@@ -279,7 +281,7 @@ def config_from_args(args: argparse.Namespace, method: str) -> FederatedConfig:
         clients_per_round=args.clients_per_round, rounds=args.rounds, method=method, strategy=args.strategy,
         rank=args.rank, peft=args.peft, targets=args.targets, hetlora_ranks=args.hetlora_ranks, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, proximal_mu=args.proximal_mu,
-        server_lr=args.server_lr, eval_examples=args.eval_examples, seed=args.seed,
+        server_lr=args.server_lr, eval_examples=args.eval_examples, eval_clients=args.eval_clients, seed=args.seed,
         round_timeout=args.round_timeout, min_clients=args.min_clients, noop_rounds=args.noop_rounds,
         faults=args.faults, transforms=args.transforms,
         checkpoint_dir=str(Path(args.checkpoint_dir) / method if args.checkpoint_dir else out / "checkpoints" / method),
