@@ -297,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
     try:
         corpus = load_corpus(args.data, args.partition, num_clients=args.clients, seed=args.seed)
