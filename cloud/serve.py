@@ -58,6 +58,7 @@ class ServeConfig:
     max_message_bytes: int = 1 << 20
     adapters_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
+    tls_dir: str | None = None  # a `fedge certs create` directory: mutual TLS, device certificates required
 
 
 def _serve_deployment():
@@ -352,7 +353,13 @@ class CloudServer:
         fedge_pb2_grpc.add_VerifierServicer_to_server(VerifierIngress(handles, self.cfg, static, registry),
                                                       self.server)
         fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry), self.server)
-        self.bound_port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.cfg.tls_dir:
+            from protocol.tls import server_credentials
+
+            credentials = server_credentials(self.cfg.tls_dir, require_client_auth=True)
+            self.bound_port = self.server.add_secure_port(f"{self.cfg.host}:{self.cfg.port}", credentials)
+        else:
+            self.bound_port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
         if self.bound_port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         await self.server.start()

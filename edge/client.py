@@ -88,6 +88,9 @@ class EdgeConfig:
     # share a few cores sets each phone's own (uncontended) drafting speed: its drafting budget
     draft_budget_s: float | None = None
     network: NetworkProfile | None = None
+    # mutual TLS: a `fedge certs create` directory and this device's id (its certificate's CN)
+    tls_dir: str | None = None
+    device_id: str | None = None
 
 
 @dataclass
@@ -169,10 +172,11 @@ class SparseDraftSession(DraftSession):
 class CloudLink:
     """A gRPC channel to the cloud with the emulated network applied to each call."""
 
-    def __init__(self, server: str, network: NetworkProfile | None, timeout_s: float):
+    def __init__(self, server: str, network: NetworkProfile | None, timeout_s: float, credentials=None):
         self.server = server
         self.network = network
         self.timeout_s = timeout_s
+        self.credentials = credentials  # grpc.ChannelCredentials for (m)TLS; None = plaintext
         self.channel: grpc.Channel | None = None
         self.stub: fedge_pb2_grpc.VerifierStub | None = None
         self.connect()
@@ -180,9 +184,12 @@ class CloudLink:
     def connect(self) -> None:
         # a fresh channel per reconnect: an old one may sit in its own (long) reconnect backoff
         self.close()
-        self.channel = grpc.insecure_channel(self.server, options=[
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.enable_retries", 0)])
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+                   ("grpc.enable_retries", 0)]
+        if self.credentials is not None:
+            self.channel = grpc.secure_channel(self.server, self.credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.server, options=options)
         self.stub = fedge_pb2_grpc.VerifierStub(self.channel)
 
     def close(self) -> None:
@@ -248,7 +255,14 @@ class EdgeClient:
         self.config = config or EdgeConfig()
         self.tokenizer = tokenizer
         self.adapter_version = adapter_version
-        self.link = CloudLink(self.config.server, self.config.network, self.config.rpc_timeout_s)
+        credentials = None
+        if self.config.tls_dir:
+            from protocol.tls import device_channel_credentials
+
+            if not self.config.device_id:
+                raise EdgeError("tls_dir is set but device_id is not: mutual TLS needs this device's certificate")
+            credentials = device_channel_credentials(self.config.tls_dir, self.config.device_id)
+        self.link = CloudLink(self.config.server, self.config.network, self.config.rpc_timeout_s, credentials)
         self.controller_template = DraftLengthController(k_max=self.config.k_max, fixed_k=self.config.fixed_k)
 
     @classmethod

@@ -186,3 +186,34 @@ def test_blob_signatures_cover_every_byte():
         verify_blobs(blobs, None, key.public_key())
     with pytest.raises(ValueError, match="plain JSON"):
         sign_blobs(blobs, {"bad": object()}, key)
+
+
+def test_edge_cloud_link_over_mutual_tls(certs):
+    """The serving path's own stubs and the edge's CloudLink, over mTLS: the servicer sees the device id."""
+    from edge.client import CloudLink
+    from protocol import fedge_pb2, fedge_pb2_grpc
+
+    good, other = certs
+
+    class Verifier(fedge_pb2_grpc.VerifierServicer):
+        def Health(self, request, context):
+            return fedge_pb2.HealthReply(status=f"SERVING for {require_device(context)}")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    fedge_pb2_grpc.add_VerifierServicer_to_server(Verifier(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(good.root))
+    server.start()
+    try:
+        link = CloudLink(f"127.0.0.1:{port}", None, 10.0, device_channel_credentials(good.root, "laptop-2"))
+        assert link.call("Health", fedge_pb2.HealthRequest()).status == "SERVING for laptop-2"
+        link.close()
+        stranger = CloudLink(f"127.0.0.1:{port}", None, 10.0, device_channel_credentials(other.root, "phone-1"))
+        with pytest.raises(grpc.RpcError):
+            stranger.call("Health", fedge_pb2.HealthRequest())
+        stranger.close()
+        plain = CloudLink(f"127.0.0.1:{port}", None, 10.0)
+        with pytest.raises(grpc.RpcError):
+            plain.call("Health", fedge_pb2.HealthRequest())
+        plain.close()
+    finally:
+        server.stop(grace=None)
