@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 class SessionKV:
@@ -65,6 +65,29 @@ def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     return out
 
 
+class _BufferLayer(DynamicLayer):
+    """A cache layer over a preallocated (B, heads, total, dim) buffer whose first `length`
+    positions are filled: the forward's update writes in place instead of concatenating."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.buf_keys, self.buf_values, self.length = keys, values, length
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.buf_keys[:, :, self.length:end] = key_states
+        self.buf_values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.buf_keys[:, :, :end], self.buf_values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
 @dataclass
 class Row:
     kv: SessionKV
@@ -105,22 +128,31 @@ def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tenso
     mask = torch.zeros(batch, 1, width, total, dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
-    cache = None
-    if cache_len > 0:
-        layers = []
-        template = next(r.kv for r in rows if r.kv.length > 0)
-        for layer in range(len(template.keys)):
+    # one buffer per layer holding the padded caches and room for the new positions, so neither
+    # the assembly nor the forward's cache update re-allocates (DynamicCache would torch.cat)
+    template = next((r.kv for r in rows if r.kv.length > 0), None)
+    layers = []
+    for layer in range(model.config.num_hidden_layers):
+        if template is None:
+            heads = model.config.num_key_value_heads
+            cfg = model.config
+            dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_dtype = dtype
+        else:
             heads, _, dim = template.keys[layer].shape
-            k = torch.zeros(batch, heads, cache_len, dim, dtype=template.keys[layer].dtype)
-            v = torch.zeros_like(k)
-            for b, r in enumerate(rows):
-                if r.kv.length:
-                    k[b, :, cache_len - r.kv.length:] = r.kv.keys[layer][:, :r.kv.length]
-                    v[b, :, cache_len - r.kv.length:] = r.kv.values[layer][:, :r.kv.length]
-            layers.append((k, v))
-        cache = DynamicCache(ddp_cache_data=layers, config=model.config)
-    else:
-        cache = DynamicCache(config=model.config)
+            kv_dtype = template.keys[layer].dtype
+        k = torch.empty(batch, heads, total, dim, dtype=kv_dtype)
+        v = torch.empty_like(k)
+        for b, r in enumerate(rows):
+            pad = cache_len - r.kv.length
+            if pad:  # masked, but must stay finite: a masked score still multiplies its value
+                k[b, :, :pad] = 0
+                v[b, :, :pad] = 0
+            if r.kv.length:
+                k[b, :, pad:cache_len] = r.kv.keys[layer][:, :r.kv.length]
+                v[b, :, pad:cache_len] = r.kv.values[layer][:, :r.kv.length]
+        layers.append(_BufferLayer(k, v, cache_len))
+    cache = Cache(layers=layers)
 
     keep = max(r.keep for r in rows)
     with torch.inference_mode():

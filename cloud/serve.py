@@ -54,7 +54,7 @@ class ServeConfig:
     address: str | None = None  # join this Ray cluster; None starts a local one
     replicas: int = 1
     threads: int = 0  # torch threads per replica; 0 = all cores of this machine
-    batch_wait_ms: float = 4.0  # how long a round waits for others to share its forward
+    batch_wait_ms: float = 30.0  # at most this long a round waits for other sessions' rounds
     max_message_bytes: int = 1 << 20
     adapters_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -82,6 +82,7 @@ def _serve_deployment():
                                          cfg.limits, shard, tuple(AdapterRegistry(cfg.adapters_dir).versions()))
             self.max_batch = cfg.limits.max_batch
             self.batch_wait_s = cfg.batch_wait_ms / 1000
+            self.active_window_s = 2.0  # a session with a round this recent is expected back soon
             # continuous batching: rounds waiting for a forward, and cloud-only generations in flight
             self._pending: list[tuple[Round, asyncio.Future]] = []
             self._gens: dict[str, _Generation] = {}
@@ -112,8 +113,8 @@ def _serve_deployment():
                 if not self._pending and not self._gens:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                if not self._gens and len(self._pending) < self.max_batch and self.batch_wait_s > 0:
-                    await asyncio.sleep(self.batch_wait_s)  # let rounds in flight join this forward
+                if not self._gens and self.batch_wait_s > 0:
+                    await self._gather_rounds()
                 batch = self._pending[:self.max_batch]
                 del self._pending[:len(batch)]
                 room = self.max_batch - len(batch)
@@ -140,6 +141,27 @@ def _serve_deployment():
                     if "error" in reply or reply["next_id"] in gen.stop or gen.remaining <= 0:
                         gen.queue.put_nowait(None)
                         del self._gens[sid]
+
+        async def _gather_rounds(self) -> None:
+            """Hold the forward until every recently active session has its round in (they then
+            share one forward, and their next rounds tend to arrive together again), but never
+            longer than batch_wait after the first round arrived. Costs a phone up to batch_wait of
+            latency; buys the cloud fewer, fuller forwards (capacity)."""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.batch_wait_s
+            now_mono = time.monotonic()
+            active = sum(1 for sess in list(self.engine.sessions.values())
+                         if now_mono - sess.last_used < self.active_window_s)
+            want = min(self.max_batch, max(active, 1))
+            while len(self._pending) < want:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    return
 
         async def open_session(self, req: dict) -> dict:
             try:

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sessions", type=int, default=64, help="per replica")
     serve.add_argument("--max-draft-len", type=int, default=16)
     serve.add_argument("--max-batch", type=int, default=32, help="rounds in one target forward")
-    serve.add_argument("--batch-wait-ms", type=float, default=4.0)
+    serve.add_argument("--batch-wait-ms", type=float, default=30.0,
+                       help="at most this long a round waits for other active sessions' rounds to share a forward")
     serve.add_argument("--idle-timeout-s", type=float, default=300.0)
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
