@@ -84,10 +84,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cloud(model: str, port: int, timeout_s: float = 300.0) -> subprocess.Popen:
+def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
     """`fedge cloud serve` in its own process (session), returns once it serves."""
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "cloud", "serve", "--model", model,
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
     ready = threading.Event()
     log: list[str] = []
@@ -224,8 +224,9 @@ def main(args: argparse.Namespace) -> int:
     server = args.server
     if server is None:
         port = args.port or _free_port()
-        console.print(f"starting `fedge cloud serve --model {args.model} --port {port}` ...")
-        proc = start_cloud(args.model, port)
+        console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
+                      f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
+        proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms))
         server = f"127.0.0.1:{port}"
     # the phones draft on this machine too: one thread each, so they do not fight the cloud for
     # intra-op threads; the cloud's cost is measured as its own CPU time regardless
@@ -281,6 +282,7 @@ def main(args: argparse.Namespace) -> int:
         "cloud_cpu_s_cloud_only": co.cloud_cpu_s, "cloud_cpu_s_edge_assisted": ea.cloud_cpu_s,
         "target_forwards_cloud_only": co.forwards, "target_forwards_edge_assisted": ea.forwards,
         "acceptance_rate": ea.acceptance, "mean_k": ea.mean_k, "mean_batch_edge_assisted": ea.mean_batch,
+        "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
         "cloud_forward_s_cloud_only": co.forward_s, "cloud_forward_s_edge_assisted": ea.forward_s,
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
