@@ -53,6 +53,7 @@ class DraftInfo:
     group_size: int
     bytes: int
     distill: dict = field(default_factory=dict)
+    adapter_version: str = ""  # the global adapter folded into the weights, if any
 
 
 class DraftError(ValueError):
@@ -76,8 +77,7 @@ def build_draft(spec: DraftSpec, out: str | Path, progress: bool = True) -> Draf
     draft.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = quantized_state_dict(draft, spec.quant, spec.group_size)
-    save_file(state, str(out / "draft.safetensors"))
+    save_file(quantized_state_dict(draft, spec.quant, spec.group_size), str(out / "draft.safetensors"))
     draft.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = DraftInfo(
@@ -89,11 +89,28 @@ def build_draft(spec: DraftSpec, out: str | Path, progress: bool = True) -> Draf
         keep_layers=keep,
         quant=spec.quant,
         group_size=spec.group_size,
-        bytes=(out / "draft.safetensors").stat().st_size,
+        bytes=0,
         distill=distill_report,
     )
+    return _write_info(info, out)
+
+
+def _write_info(info: DraftInfo, out: Path) -> DraftInfo:
+    info.bytes = (out / "draft.safetensors").stat().st_size
     (out / "draft.json").write_text(json.dumps(asdict(info), indent=2))
     return info
+
+
+def save_draft(draft: nn.Module, tokenizer, info: DraftInfo, out: str | Path) -> DraftInfo:
+    """Write an already-built (e.g. adapter-merged) draft; its modules are saved as they are."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in draft.state_dict().items()
+             if not (info.quant == "none" and k == "lm_head.weight")}
+    save_file(state, str(out / "draft.safetensors"))
+    draft.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return _write_info(DraftInfo(**{**asdict(info)}), out)
 
 
 def truncate_layers(model: nn.Module, keep: int) -> nn.Module:
