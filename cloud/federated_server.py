@@ -43,6 +43,7 @@ from cloud.federated_config import FederatedConfig
 from peft_methods.aggregation import (
     StateDict,
     Summation,
+    aggregation_error,
     apply_aggregate,
     normalized,
     pad_rank,
@@ -96,6 +97,7 @@ class LoraFedAvg(FedAvg):
         self.rejections: list[Rejection] = []
         self.accepted: list[int] = []
         self.client_metrics: dict[int, dict] = {}
+        self.aggregation_error: float | None = None
 
     def setup_lora(self, *, method: MethodSpec, global_rank: int, clients_per_round: int, seed: int,
                    node_of_partition: dict[int, int], min_clients: int = 1, round_timeout: float = 600.0,
@@ -162,6 +164,7 @@ class LoraFedAvg(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.rejections, self.accepted, self.bytes_up, self.client_metrics = [], [], 0, {}
+        self.aggregation_error = None
         updates, weights, answered = [], [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -189,6 +192,9 @@ class LoraFedAvg(FedAvg):
         summed = self.summation(updates, normalized(weights))
         # linear step only (global + sum); FedSVD/HetLoRA re-factorise after any server optimiser
         new_state, _ = apply_aggregate("fedavg", self.global_state, summed, self.global_rank)
+        # measured on the plain (unmasked) updates only: a masked sum hides the individual updates
+        self.aggregation_error = (aggregation_error(self.global_state, updates, weights, new_state)
+                                  if self.summation is weighted_sum else None)
         total = sum(weights)
         train_loss = sum(w * float(self.client_metrics[p].get("train-loss", 0.0))
                          for w, p in zip(weights, self.accepted, strict=True)) / total
@@ -447,6 +453,8 @@ class FederatedRun:
                     [r for r in strategy.rejections if r.reason.startswith(("no reply", "client failed"))])),
                 "bytes_down_per_client": strategy.bytes_down / max(1, len(strategy.sent)),
                 "truncation_error": trunc,
+                # ||aggregated update - sum_k p_k (B_k A_k - B_k0 A_k0)|| / ||...||, before any server optimiser
+                "aggregation_error": strategy.aggregation_error,
                 "train_s": train_s,
                 "eval_s": time.perf_counter() - eval_start,
             }

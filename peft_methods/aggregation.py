@@ -201,6 +201,31 @@ def aggregate(method: str, global_state: StateDict, client_states: Sequence[Stat
     return new_state, info
 
 
+def aggregation_error(global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float],
+                      new_state: StateDict) -> float:
+    """How far an aggregated adapter is from the exact average of the clients' updates.
+
+    exact = sum_k p_k (B_k A_k - B_k0 A_k0), client k's change of its product (B_k0 A_k0: what it
+    received, at its rank); got = B_new A_new - B_0 A_0. Returns ||got - exact|| / ||exact|| over
+    all modules: 0 for the exact methods, > 0 for naive FedAvg of the factors. `updates` are the
+    clients' deltas, zero-padded to the global rank.
+    """
+    weights = normalized(weights)
+    err_sq = ref_sq = 0.0
+    for a_key, b_key in lora_pairs(global_state).values():
+        a0, b0 = global_state[a_key].double(), global_state[b_key].double()
+        exact = torch.zeros(b0.shape[0], a0.shape[1], dtype=torch.float64)
+        for update, w in zip(updates, weights, strict=True):
+            da = update.get(a_key, torch.zeros_like(a0)).double()
+            db = update.get(b_key, torch.zeros_like(b0)).double()
+            # a lower-rank client's delta is zero-padded, so this is its own B_k A_k - B_k0 A_k0
+            exact += w * ((b0 + db) @ (a0 + da) - b0 @ a0)
+        got = new_state[b_key].double() @ new_state[a_key].double() - b0 @ a0
+        err_sq += float(((got - exact) ** 2).sum())
+        ref_sq += float((exact**2).sum())
+    return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+
+
 def fedsvd_dense(client_states: Sequence[StateDict], weights: Sequence[float],
                  rank: int) -> tuple[StateDict, AggregationInfo]:
     """sum_k p_k B_k A_k for clients that trained both factors, then the best rank-r factors."""

@@ -96,14 +96,14 @@ def baselines(config: FederatedConfig, corpus, local_only_clients: int, console)
     loss, per_client = _eval_loss(adapted, windows, pad_id)
     out.update(centralized_loss=loss, centralized_perplexity=math.exp(loss),
                centralized_worst_client_perplexity=math.exp(max(per_client.values())),
-               centralized_steps=steps, centralized_batch_size=central.batch_size,
+               centralized_client_loss=per_client, centralized_steps=steps, centralized_batch_size=central.batch_size,
                centralized_s=time.perf_counter() - start)
     # local-only: each client alone, from the same init, the same number of steps
     start = time.perf_counter()
     names = [c.name for c in corpus.clients if c.heldout]
     chosen = sorted(random.Random(f"local-only:{config.seed}").sample(names, min(local_only_clients, len(names))))
     local = LocalTrainConfig(steps=steps, batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lr)
-    losses, tokens = {}, {}
+    losses = {}
     for i, client in enumerate(c for c in corpus.clients if c.name in chosen):
         adapted.set_state(init)
         with console.status(f"local-only {i + 1}/{len(chosen)} ({client.name}): {steps} steps") as status:
@@ -113,8 +113,7 @@ def baselines(config: FederatedConfig, corpus, local_only_clients: int, console)
                             f"local-only {n}: step {s}/{steps} loss {loss:.3f}"))
         loss, _ = _eval_loss(adapted, {client.name: windows[client.name]}, pad_id)
         losses[client.name] = loss
-        tokens[client.name] = sum(len(w) - 1 for w in windows[client.name])
-    mean_loss = sum(losses[n] * tokens[n] for n in losses) / max(1, sum(tokens.values()))
+    mean_loss = sum(losses.values()) / max(1, len(losses))  # each client counts once
     out.update(local_only_loss=mean_loss, local_only_perplexity=math.exp(mean_loss),
                local_only_clients=chosen, local_only_client_loss=losses, local_only_s=time.perf_counter() - start)
     return out
@@ -150,8 +149,30 @@ def method_report(config: FederatedConfig, result, base: dict) -> dict:
         "config": asdict(config),
     }
     report["bytes_up_fraction_of_model"] = report["bytes_up_per_client_round"] / max(1, result.model_bytes)
+    errors = [r["aggregation_error"] for r in trained if r.get("aggregation_error") is not None]
+    report["aggregation_error_mean"] = sum(errors) / len(errors) if errors else None
     report.update({k: v for k, v in base.items() if not k.endswith("_s")})
     return report
+
+
+def compare_on_local_only_clients(report: dict, base: dict) -> None:
+    """Local-only adapters are evaluated on their own clients only: put the global adapter, the
+    initial model and centralised LoRA on the same clients (mean loss per client) beside them."""
+    chosen = base.get("local_only_clients")
+    if not chosen:
+        return
+    first, last = report["rounds"][0]["client_loss"], report["rounds"][-1]["client_loss"]
+    if not all(c in last for c in chosen):
+        return
+
+    def ppl(losses: dict) -> float:
+        return math.exp(sum(losses[c] for c in chosen) / len(chosen))
+
+    report["local_only_clients_final_perplexity"] = ppl(last)
+    if report["rounds"][0]["round"] == 0:
+        report["local_only_clients_initial_perplexity"] = ppl(first)
+    if "centralized_client_loss" in base:
+        report["local_only_clients_centralized_perplexity"] = ppl(base["centralized_client_loss"])
 
 
 def _fmt_bytes(n: float) -> str:
@@ -183,16 +204,19 @@ def summary_table(reports: list[dict]):
     from rich.table import Table
 
     table = Table(title="federated LoRA: summary")
-    for col in ("method", "final ppl", "vs central", "central ppl", "local-only ppl", "worst client ppl",
-                "bytes up/client/round", "% of model", "overhead s/round"):
+    for col in ("method", "final ppl", "vs central", "central ppl", "local-only ppl (fed, same clients)",
+                "worst client ppl", "agg. error", "bytes up/client/round", "% of model", "overhead s/round"):
         table.add_column(col, justify="right")
     for r in reports:
         central = r.get("centralized_perplexity")
         table.add_row(r["method"], f"{r['final_perplexity']:.3f}",
                       f"{r['final_perplexity'] / central:.3f}x" if central else "-",
                       f"{central:.3f}" if central else "-",
-                      f"{r['local_only_perplexity']:.3f}" if r.get("local_only_perplexity") else "-",
-                      f"{r['worst_client_perplexity']:.3f}", _fmt_bytes(r["bytes_up_per_client_round"]),
+                      f"{r['local_only_perplexity']:.3f} ({r['local_only_clients_final_perplexity']:.3f})"
+                      if r.get("local_only_clients_final_perplexity") else "-",
+                      f"{r['worst_client_perplexity']:.3f}",
+                      f"{r['aggregation_error_mean']:.2e}" if r.get("aggregation_error_mean") is not None else "-",
+                      _fmt_bytes(r["bytes_up_per_client_round"]),
                       f"{100 * r['bytes_up_fraction_of_model']:.3f}%",
                       f"{r['overhead_s_per_round']:.3f}" if r["overhead_s_per_round"] is not None else "-")
     return table
@@ -342,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     for report in reports:
         report.update({k: v for k, v in base.items() if not k.endswith("_s")})
+        compare_on_local_only_clients(report, base)
     plot_path = out / "loss-per-round.png"
     plot(reports, base, plot_path)
     console.print(summary_table(reports))

@@ -8,9 +8,12 @@ import torch
 from peft_methods.aggregation import (
     AggregationError,
     aggregate,
+    aggregation_error,
+    client_delta,
     delta_weights,
     fedsvd_dense,
     lora_pairs,
+    pad_rank,
     refactorize,
     truncate_rank,
     weighted_sum,
@@ -148,3 +151,22 @@ def test_mismatched_updates_are_refused():
         weighted_sum([a, {"y.lora_B.weight": torch.zeros(3, 2)}], [0.5, 0.5])
     with pytest.raises(AggregationError, match="weights"):
         aggregate("ffa", random_adapter(2, 0), [random_adapter(2, 1)], [0.0])
+
+
+def test_aggregation_error_is_zero_for_exact_methods_only():
+    global_state, _ = refactorize(random_adapter(4, seed=5), 4)
+    ranks = {"ffa": [4] * 4, "fedsvd": [4] * 4, "hetlora": [4, 2, 1, 2], "fedavg": [4] * 4}
+    for method, client_ranks in ranks.items():
+        if method == "fedavg":
+            clients = [random_adapter(4, seed=70 + k) for k in range(4)]
+        else:
+            clients = [train_b_only(global_state, r, seed=70 + k) for k, r in enumerate(client_ranks)]
+        trains = MethodSpec(method).trains
+        deltas = [pad_rank(client_delta(c, truncate_rank(global_state, r), trains), 4)
+                  for c, r in zip(clients, client_ranks, strict=True)]
+        new_state, _ = aggregate(method, global_state, clients, WEIGHTS, trains=trains)
+        error = aggregation_error(global_state, deltas, WEIGHTS, new_state)
+        if method == "fedavg":
+            assert error > 0.1
+        else:
+            assert error < 1e-9, method
