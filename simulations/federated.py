@@ -236,8 +236,10 @@ def plot(reports: list[dict], base: dict, path: Path) -> None:
                 label=f"{r['method']} worst client")
     if "centralized_loss" in base:
         ax.axhline(base["centralized_loss"], color="k", ls="--", label="centralised LoRA")
-    if "local_only_loss" in base:
-        ax.axhline(base["local_only_loss"], color="gray", ls="-.", label="local-only")
+    if "local_only_loss" in base:  # on its own few clients, not the whole federation
+        ax.axhline(base["local_only_loss"], color="gray", ls="-.",
+                   label=f"local-only ({len(base.get('local_only_clients', []))} clients' own held-out)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.legend(fontsize=7)
