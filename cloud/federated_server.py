@@ -10,7 +10,7 @@ step to the aggregated adapter, and `LoraFedAvg` replaces the two things that mu
   client's rank (HetLoRA truncates to the first r_k components);
 - `aggregate_train`: checks every reply (crashed, timed out, NaN/Inf, wrong keys or shapes, bad
   weight) and leaves bad ones out with the reason recorded, zero-pads the good updates to the global
-  rank and sums them with `self.summation` (plain `weighted_sum`; a secure-aggregation masked sum can
+  rank and sums them with `self.summation(updates, example_counts)` (plain `weighted_sum`; a masked sum can
   replace it: every method's update is linear in what the clients send), then adds the sum to the
   global adapter. FedSVD/HetLoRA re-factorise (SVD) after the strategy step, in `finalize`.
 
@@ -45,7 +45,6 @@ from peft_methods.aggregation import (
     Summation,
     aggregation_error,
     apply_aggregate,
-    normalized,
     pad_rank,
     refactorize,
     truncate_rank,
@@ -189,7 +188,7 @@ class LoraFedAvg(FedAvg):
             log.warning("round %d: %d good updates < min %d; global adapter unchanged", server_round,
                         len(updates), self.min_clients)
             return None, None
-        summed = self.summation(updates, normalized(weights))
+        summed = self.summation(updates, weights)  # raw weights: num-examples per client
         # linear step only (global + sum); FedSVD/HetLoRA re-factorise after any server optimiser
         new_state, _ = apply_aggregate("fedavg", self.global_state, summed, self.global_rank)
         # measured on the plain (unmasked) updates only: a masked sum hides the individual updates

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 StateDict = dict[str, torch.Tensor]
-# (per-client deltas, weights summing to 1) -> sum_k w_k delta_k; replaceable by a masked sum.
+# (per-client deltas, raw weights w_k such as example counts) -> sum_k (w_k / sum w) delta_k.
+# Replaceable by a masked sum: clients pre-scale by w_k, the sum of masked updates is divided by sum w.
 Summation = Callable[[Sequence[StateDict], Sequence[float]], StateDict]
 
 LORA_A = ".lora_A."
@@ -102,9 +103,10 @@ def client_delta(trained: StateDict, received: StateDict, trains: Callable[[str]
 
 
 def weighted_sum(deltas: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
-    """sum_k w_k delta_k over the union of keys (plain torch; a masked sum may replace it)."""
+    """sum_k p_k delta_k with p_k = w_k / sum w (plain torch; a masked sum may replace it)."""
     if not deltas:
         raise AggregationError("no updates to aggregate")
+    weights = normalized(weights)
     keys = set(deltas[0])
     for i, d in enumerate(deltas[1:], 1):
         if set(d) != keys:
