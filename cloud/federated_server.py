@@ -302,11 +302,13 @@ class FederatedRun:
     """One federated run: the ServerApp's body, with its evaluator and checkpoints."""
 
     def __init__(self, config: FederatedConfig, corpus, on_round: Callable[[dict], None] | None = None,
-                 summation: Summation = weighted_sum) -> None:
+                 summation: Summation = weighted_sum, grid_wrapper: Callable[[Grid], Grid] | None = None) -> None:
         self.config = config
         self.corpus = corpus
         self.on_round = on_round
         self.summation = summation
+        # wraps the grid for training rounds, e.g. cloud.secure_aggregation.SecureAggregationGrid
+        self.grid_wrapper = grid_wrapper
         self.result = FederatedResult()
         self.error: BaseException | None = None
         self.checkpoint = self._load_resume_checkpoint() if config.resume else None
@@ -420,6 +422,8 @@ class FederatedRun:
             log.warning("resuming after round %d from %s", payload["round"], ckpt_dir)
 
         self._measure_overhead(grid, node_of_partition, state)
+        if self.grid_wrapper is not None:
+            grid = self.grid_wrapper(grid)
         if first_round == 1:
             record = {"round": 0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": [],
                       "rejected": []}
@@ -427,6 +431,9 @@ class FederatedRun:
 
         names = {i: c.name for i, c in enumerate(self.corpus.clients)}
         for server_round in range(first_round, cfg.rounds + 1):
+            if getattr(grid, "budget_exhausted", False):
+                log.warning("privacy budget exhausted: stopping before round %d", server_round)
+                break
             round_start = time.perf_counter()
             arrays = to_record(state)
             messages = strategy.configure_train(server_round, arrays, cfg.client_config(), grid)
@@ -456,6 +463,7 @@ class FederatedRun:
                 "aggregation_error": strategy.aggregation_error,
                 "train_s": train_s,
                 "eval_s": time.perf_counter() - eval_start,
+                **_privacy_fields(grid),
             }
             self._publish(record)
             if ckpt_dir is not None:
@@ -469,6 +477,19 @@ class FederatedRun:
         self.result.records.append(record)
         if self.on_round is not None:
             self.on_round(record)
+
+
+def _privacy_fields(grid) -> dict:
+    """Epsilon spent and secure-aggregation survivors, when the grid is a secure one."""
+    log_ = getattr(grid, "privacy_log", None)
+    history = getattr(grid, "history", None)
+    out = {}
+    if log_:
+        out["epsilon"] = log_[-1].epsilon
+    if history:
+        out["secagg_survivors"] = history[-1].survivors
+        out["secagg_dropped"] = history[-1].dropped
+    return out
 
 
 def overhead_s_per_round(times: list[float]) -> float | None:

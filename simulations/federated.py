@@ -38,20 +38,22 @@ def backend_config(config: FederatedConfig) -> dict:
     }
 
 
-def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None):
+def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None, grid_wrapper=None,
+                  client_app=None):
     """Run one federated simulation; returns the FederatedResult (raises what the ServerApp raised)."""
     from flwr.simulation import run_simulation
 
     from cloud.federated_server import FederatedRun
-    from edge.federated_client import app as client_app
+    from edge.federated_client import app as default_client_app
 
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
     kwargs = {"summation": summation} if summation is not None else {}
-    run = FederatedRun(config, corpus, on_round=on_round, **kwargs)
+    run = FederatedRun(config, corpus, on_round=on_round, grid_wrapper=grid_wrapper, **kwargs)
     # the client runtime is rebuilt from these in every Ray actor, and must describe the same corpus
-    run_simulation(server_app=run.server_app(), client_app=client_app, num_supernodes=config.num_clients,
-                   backend_name="ray", backend_config=backend_config(config), verbose_logging=False)
+    run_simulation(server_app=run.server_app(), client_app=client_app or default_client_app,
+                   num_supernodes=config.num_clients, backend_name="ray", backend_config=backend_config(config),
+                   verbose_logging=False)
     if run.error is not None:
         raise run.error
     if not run.result.final_state:
