@@ -112,7 +112,7 @@ def exposure(model, tokenizer, canary: str, candidates: list[str], pad_id: int) 
 # ------------------------------------------------------------------ the shared server loop
 
 
-def _client_app():
+def secure_client_app():
     """The edge ClientApp's handlers, wrapped in the privacy mods."""
     from flwr.clientapp import ClientApp
 
@@ -125,7 +125,7 @@ def _client_app():
     return app
 
 
-def _trained_layout(method_spec):
+def trained_layout(method_spec):
     """The layout of what clients send (the method's trained tensors), from the train message."""
     from protocol.secagg import VectorLayout
 
@@ -135,6 +135,20 @@ def _trained_layout(method_spec):
                                   if method_spec.trains(k)))
 
     return layout
+
+
+def secure_grid_wrapper(config, dp=None, threshold: float = 0.6, seed: int = 0):
+    """A `grid_wrapper` for `run_federated`: train rounds under secure aggregation (+ DP if given).
+
+    Clients send the method's trained tensors directly (FFA/FedSVD: B only), so the masked sum is
+    exactly the sum the strategy would have computed in the clear."""
+    from cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+    from protocol.secagg_records import UPDATE_DIRECT
+
+    settings = SecureAggregationSettings(threshold=threshold, update_mode=UPDATE_DIRECT,
+                                         layout=trained_layout(config.method_spec), dp=dp,
+                                         population=config.num_clients, seed=seed)
+    return lambda grid: SecureAggregationGrid(grid, settings)
 
 
 def _simulate(config, corpus, body) -> dict:
@@ -158,7 +172,7 @@ def _simulate(config, corpus, body) -> dict:
             out["error"] = exc
             raise
 
-    run_simulation(server_app=app, client_app=_client_app(), num_supernodes=config.num_clients,
+    run_simulation(server_app=app, client_app=secure_client_app(), num_supernodes=config.num_clients,
                    backend_name="ray", backend_config=backend_config(config), verbose_logging=False)
     if "error" in out:
         raise out["error"]
@@ -228,7 +242,7 @@ def run_dp_experiment(args: argparse.Namespace) -> dict:
                 dp = DPConfig(clip_norm=args.clip, noise_multiplier=sigma, delta=args.delta, max_epsilon=eps,
                               min_clients=threshold)
             settings = SecureAggregationSettings(threshold=threshold, update_mode=UPDATE_DIRECT,
-                                                 layout=_trained_layout(config.method_spec), dp=dp,
+                                                 layout=trained_layout(config.method_spec), dp=dp,
                                                  population=config.num_clients, seed=args.seed)
             secure = SecureAggregationGrid(grid, settings)
             strategy = build_strategy(config, node_of_partition)
@@ -319,13 +333,13 @@ def run_secagg_time(args: argparse.Namespace) -> dict:
         init = AdaptedModel(config.model, config.adapter_spec).get_state()
         # warm-up: every actor loads its model and data once, outside the timed rounds
         warm = SecureAggregationGrid(grid, SecureAggregationSettings(secure=False, update_mode=UPDATE_DIRECT,
-                                                                     layout=_trained_layout(config.method_spec)))
+                                                                     layout=trained_layout(config.method_spec)))
         _train_rounds(warm, build_strategy(config, node_of_partition), config, init, 1)
         rows = []
         for dropout in dropouts:
             for secure in (False, True):
                 settings = SecureAggregationSettings(threshold=0.6, secure=secure, update_mode=UPDATE_DIRECT,
-                                                     layout=_trained_layout(config.method_spec),
+                                                     layout=trained_layout(config.method_spec),
                                                      simulate_dropout=dropout, seed=args.seed)
                 wrapped = SecureAggregationGrid(grid, settings)
                 _train_rounds(wrapped, build_strategy(config, node_of_partition), config, init, config.rounds)
