@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from cloud.adapters import AdapterRegistry
+from cloud.adapters import CHUNK_BYTES, AdapterRegistry
 from cloud.engine import Limits, Round, VerifierEngine, VerifierError
 from kernels.verify import SamplingParams
 from protocol import fedge_pb2, fedge_pb2_grpc
@@ -214,13 +214,24 @@ def _serve_deployment():
             return self.engine.close_session(session_id)
 
         async def info(self) -> dict:
-            return self.engine.info()
+            import psutil
+
+            t = psutil.Process().cpu_times()
+            return {**self.engine.info(), "process_cpu_s": t.user + t.system}
 
     return VerifierReplica
 
 
 def _status(code: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+
+
+def process_cpu_s() -> float:
+    """User + system CPU seconds of this process alone."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
 
 
 def process_tree_cpu_s(pid: int | None = None) -> float:
@@ -323,16 +334,18 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             max_message_bytes=self.cfg.max_message_bytes, idle_timeout_s=lim.idle_timeout_s,
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i["forwards"] for i in infos),
             tokens_generated=sum(i["tokens_generated"] for i in infos), forward_s=sum(i["forward_s"] for i in infos),
+            serving_cpu_s=process_cpu_s() + sum(i["process_cpu_s"] for i in infos),
             adapter_versions=self.registry.versions())
 
 
 class AdaptersIngress(fedge_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry):
+    def __init__(self, registry: AdapterRegistry, chunk_bytes: int):
         self.registry = registry
+        self.chunk_bytes = chunk_bytes
 
     async def Fetch(self, request, context):
         try:
-            chunks = list(self.registry.chunks(request.version))
+            chunks = list(self.registry.chunks(request.version, self.chunk_bytes))
         except KeyError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         for c in chunks:
@@ -374,7 +387,9 @@ class CloudServer:
         self.server = grpc.aio.server(options=opts)
         fedge_pb2_grpc.add_VerifierServicer_to_server(VerifierIngress(handles, self.cfg, static, registry),
                                                       self.server)
-        fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry), self.server)
+        # chunks stay under the message limit (leaving room for the chunk's other fields)
+        chunk_bytes = max(1024, min(CHUNK_BYTES, self.cfg.max_message_bytes - 1024))
+        fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry, chunk_bytes), self.server)
         if self.cfg.tls_dir:
             from protocol.tls import server_credentials
 

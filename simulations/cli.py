@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     phones.add_argument("--server", default=None, help="use a running cloud at HOST:PORT instead of starting one "
                                                        "(its CPU is then read from its Health reply)")
     phones.add_argument("--no-reference", action="store_true", help="skip the local target greedy reference")
-    phones.add_argument("--cloud-batch-wait-ms", type=float, default=30.0,
+    phones.add_argument("--cloud-batch-wait-ms", type=float, default=200.0,
                         help="the started cloud's --batch-wait-ms (how long rounds wait for each other)")
     phones.add_argument("--json", default="simulate-phones.json")
     phones.set_defaults(func=_run("simulations.phones"))

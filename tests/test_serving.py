@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from edge.client import EdgeClient, EdgeConfig
+from edge.client import EdgeClient, EdgeConfig, EdgeError, fetch_adapter
 from edge.speculative import autoregressive_generate
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from kernels.verify import SamplingParams
@@ -80,9 +80,21 @@ def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def cloud():
+def adapters_dir(tmp_path_factory):
+    """A registry with two published versions; the latest has a file bigger than one chunk."""
+    root = tmp_path_factory.mktemp("adapters")
+    (root / "v0001").mkdir()
+    (root / "v0001" / "adapter_config.json").write_text('{"r": 8}')
+    (root / "v0002").mkdir()
+    (root / "v0002" / "adapter_config.json").write_text('{"r": 16}')
+    (root / "v0002" / "adapter_model.safetensors").write_bytes(os.urandom(600_000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cloud(adapters_dir):
     port = free_port()
-    proc = start_cloud(port)
+    proc = start_cloud(port, "--adapters", str(adapters_dir))
     yield f"127.0.0.1:{port}"
     stop_cloud(proc)
 
@@ -261,3 +273,25 @@ def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
     # once reconciled, the text is exactly the target's greedy text
     assert result.fully_verified
     assert result.token_ids == autoregressive_generate(model, ids, 48)
+
+
+def test_adapters_stream_in_checksummed_chunks(cloud, adapters_dir, tiny, tmp_path):
+    version, names = fetch_adapter(cloud, "", str(tmp_path))  # "" = the latest
+    assert version == "v0002" and names == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in names:
+        assert (tmp_path / version / name).read_bytes() == (adapters_dir / version / name).read_bytes()
+    assert fetch_adapter(cloud, "v0001", str(tmp_path))[0] == "v0001"
+    with pytest.raises(EdgeError, match="NOT_FOUND"):
+        fetch_adapter(cloud, "v9999", str(tmp_path))
+    # sessions name the adapter they were drafted with; the cloud serves only published ones
+    model, tok = tiny
+    channel, stub = _stub(cloud)
+    request = fedge_pb2.OpenSessionRequest(tokenizer_fingerprint=tokenizer_fingerprint(tok),
+                                           model_fingerprint=model_fingerprint(model), prompt_ids=[1, 2],
+                                           adapter_version="v0001")
+    assert stub.OpenSession(request, timeout=30).session_id
+    request.adapter_version = "v9999"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.OpenSession(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
