@@ -14,10 +14,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cloud.batching import Row, SessionKV, batched_forward
+from cloud.multi_lora import AdapterBank
 from kernels.verify import SamplingParams, verify
 from protocol.codecs import validate_sparse_q
 
@@ -56,6 +58,7 @@ class CloudSession:
     last_position: int = -1
     last_draft: tuple[int, ...] = ()
     last_reply: dict | None = None
+    adapter_row: int = -1  # this session's adapter in the replica's AdapterBank (-1: the plain target)
 
 
 @dataclass
@@ -68,13 +71,19 @@ class Round:
 
 class VerifierEngine:
     def __init__(self, model: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 limits: Limits | None = None, shard: int = 0, adapter_versions: tuple[str, ...] = ()):
+                 limits: Limits | None = None, shard: int = 0, adapter_versions: tuple[str, ...] = (),
+                 adapters_root: str | Path | None = None):
         self.model = model.eval()
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.limits = limits or Limits()
         self.shard = shard
         self.adapter_versions = set(adapter_versions)
+        # every published version is served over the one base model, chosen per batch row
+        self.adapters = AdapterBank(self.model)
+        if adapters_root is not None:
+            for version in sorted(self.adapter_versions):
+                self.adapters.load(version, Path(adapters_root) / version)
         self.vocab_size = int(model.config.vocab_size)
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or self.limits.max_session_tokens)
         self.max_tokens = min(self.limits.max_session_tokens, max_pos)
@@ -112,11 +121,12 @@ class VerifierEngine:
                                                           f"{self.limits.max_sessions} sessions; retry later")
             sid = f"s{self.shard}-{uuid.uuid4().hex}"
             session = CloudSession(sid, list(prompt_ids), params, torch.Generator().manual_seed(seed))
+            session.adapter_row = self.adapters.index.get(adapter_version, -1)
             self.sessions[sid] = session
         start = time.perf_counter()
         # prefill all but the last prompt token now, so the first round only feeds 1 + k positions
         if len(prompt_ids) > 1:
-            with self._forward_lock:
+            with self._forward_lock, self.adapters.rows([session.adapter_row]):
                 batched_forward(self.model, [Row(session.kv, list(prompt_ids[:-1]), 1)])
                 self.forwards += 1
         return {"session_id": sid, "position": len(session.tokens), "max_draft_len": self.limits.max_draft_len,
@@ -208,7 +218,7 @@ class VerifierEngine:
                 session.kv.truncate(session.kv.length - 1)
                 pending = session.tokens[-1:]
             rows.append(Row(session.kv, pending + list(rnd.draft_ids), len(rnd.draft_ids) + 1))
-        with self._forward_lock:
+        with self._forward_lock, self.adapters.rows([session.adapter_row for _, session, _, _ in work]):
             t0 = time.perf_counter()
             logits = batched_forward(self.model, rows)
             self.forward_s += time.perf_counter() - t0

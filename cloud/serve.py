@@ -79,7 +79,8 @@ def _serve_deployment():
             torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
             model, tokenizer = load_model(cfg.model)
             self.engine = VerifierEngine(model, model_fingerprint(model), tokenizer_fingerprint(tokenizer),
-                                         cfg.limits, shard, tuple(AdapterRegistry(cfg.adapters_dir).versions()))
+                                         cfg.limits, shard, tuple(AdapterRegistry(cfg.adapters_dir).versions()),
+                                         adapters_root=cfg.adapters_dir)
             self.max_batch = cfg.limits.max_batch
             self.batch_wait_s = cfg.batch_wait_ms / 1000
             self.active_window_s = 2.0  # a session with a round this recent is expected back soon

@@ -72,18 +72,6 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    print(
-        "fedge demo is not built yet. When it is, it will start the cloud coordinator (Ray, the\n"
-        "verifier, the Flower ServerApp), fine-tune a shared LoRA adapter with 8 simulated phones\n"
-        "on their own stdlib-package data (secure aggregation + DP), then serve code completions\n"
-        "by edge drafting and cloud verification side by side with cloud-only serving, and write\n"
-        "report.json and plots. Nothing was run.",
-        file=sys.stderr,
-    )
-    return 1
-
-
 def _run(module: str, function: str = "main"):
     """A handler that imports `module` only when its command runs (keeps `fedge --help` fast)."""
 
@@ -200,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     phones.add_argument("--no-reference", action="store_true", help="skip the local target greedy reference")
     phones.add_argument("--cloud-batch-wait-ms", type=float, default=200.0,
                         help="the started cloud's --batch-wait-ms (how long rounds wait for each other)")
+    phones.add_argument("--adapters", default=None, help="adapter registry dir the started cloud serves")
+    phones.add_argument("--adapter-version", default="", help="sessions use this served adapter version")
     phones.add_argument("--json", default="simulate-phones.json")
     phones.set_defaults(func=_run("simulations.phones"))
 
@@ -249,7 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_arguments(privacy_sub)
     privacy.set_defaults(func=_run("simulations.privacy"))
 
-    sub.add_parser("demo", help="the whole phone-plus-server scenario").set_defaults(func=_cmd_demo)
+    demo = sub.add_parser("demo", help="the whole phone-plus-server scenario, with a report")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--phones", type=int, default=8)
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--steps", type=int, default=4, help="local LoRA steps per phone per round")
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--epsilon", type=float, default=8.0, help="DP budget for the whole run")
+    demo.add_argument("--delta", type=float, default=1e-3)
+    demo.add_argument("--clip", type=float, default=0.5, help="L2 clip of one phone's update")
+    demo.add_argument("--rtt-ms", type=float, default=40.0)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="runs", help="the run directory is created under this")
+    demo.set_defaults(func=_run("simulations.demo"))
     return parser
 
 

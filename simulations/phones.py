@@ -22,6 +22,7 @@ how many more tokens the same cloud can serve when phones draft.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -203,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"building an int4 full-depth draft of {args.model} into {draft_dir}")
         build_draft(DraftSpec(target=args.model, quant="int4"), draft_dir)
     draft, tokenizer, info = load_draft(draft_dir)
+    adapter_version = getattr(args, "adapter_version", "") or ""
     prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
@@ -212,7 +214,13 @@ def main(args: argparse.Namespace) -> int:
 
         target, _ = load_model(args.model)
         reference = []
-        with Progress(console=console, transient=True) as bar:
+        with contextlib.ExitStack() as stack, Progress(console=console, transient=True) as bar:
+            if adapter_version:  # the reference is target + adapter, computed as the cloud serves it
+                from cloud.multi_lora import AdapterBank
+
+                bank = AdapterBank(target)
+                bank.load(adapter_version, Path(args.adapters) / adapter_version)
+                stack.enter_context(bank.rows([bank.row_index(adapter_version)]))
             task = bar.add_task("local target greedy (reference)", total=len(set(map(tuple, prompts))))
             cache: dict[tuple, list[int]] = {}
             for p in prompts:
@@ -228,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
         port = args.port or _free_port()
         console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
                       f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
-        proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms))
+        adapter_flags = ["--adapters", args.adapters] if getattr(args, "adapters", None) else []
+        proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms), *adapter_flags)
         server = f"127.0.0.1:{port}"
     # the phones draft on this machine too: one thread each, so they do not fight the cloud for
     # intra-op threads; the cloud's cost is measured as its own CPU time regardless
@@ -243,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
             # by the others; k is chosen with the speed a phone drafts at on its own
             cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0,
                              draft_budget_s=draft_s)
-            clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer))
+            clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer,
+                                      adapter_version=adapter_version))
         # warm-up outside the measurement (first-call costs in the replica and the client)
         clients[0].generate_ids(prompts[0], 4, stop_ids=stop)
         clients[0].cloud_generate_ids(prompts[0], 4, stop)
