@@ -1,0 +1,222 @@
+"""`fedge demo`: the whole phone-plus-server scenario on the embedded defaults, with a report.
+
+1. the default model (from its PyPI wheel) and its int4 edge draft;
+2. phones fine-tune the shared LoRA adapter on their own stdlib packages, federated on Flower + Ray,
+   with secure aggregation and client-level DP (epsilon accounted and enforced);
+3. the cloud publishes the global adapter signed; each phone checks the signature and folds the
+   adapter into its draft;
+4. code completions: edge drafting + cloud verification (the cloud serving target + adapter) side
+   by side with cloud-only serving, on a real `fedge cloud serve`;
+5. a report: printed, `report.json` and PNG plots in a run directory named at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _step(n: int, text: str) -> None:
+    console.rule(f"[bold]{n}. {text}")
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    from cloud.federated_config import FederatedConfig
+    from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft, merge_adapter_into_draft, save_draft
+    from fedge.data import load_corpus
+    from fedge.models import resolve_model
+    from peft_methods.dp import DPConfig, calibrate_noise_multiplier
+    from protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
+    from simulations.federated import run_federated, save_adapter
+    from simulations.privacy import secure_client_app, secure_grid_wrapper
+
+    started = time.perf_counter()
+    run_dir = Path(args.out) / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    _step(1, f"models: target {args.model} and its int4 edge draft")
+    t0 = time.perf_counter()
+    with console.status("fetching the target (first run: ~30 s from its PyPI wheel)"):
+        resolve_model(args.model)
+    draft_dir = default_draft_dir(args.model, None, "int4")
+    if not (draft_dir / "draft.json").is_file():
+        with console.status("building the int4 draft"):
+            build_draft(DraftSpec(target=args.model, quant="int4"), draft_dir, progress=False)
+    draft, tokenizer, draft_info = load_draft(draft_dir)
+    console.print(f"draft: {draft_info.keep_layers}/{draft_info.num_target_layers} layers, {draft_info.quant}, "
+                  f"{draft_info.bytes / 1e6:.0f} MB")
+    timings["models_s"] = time.perf_counter() - t0
+
+    _step(2, f"federated fine-tuning: {args.phones} phones, {args.rounds} rounds, secure aggregation + DP")
+    t0 = time.perf_counter()
+    corpus = load_corpus("stdlib", "natural", num_clients=args.phones, seed=args.seed)
+    config = FederatedConfig(model=args.model, data="stdlib", partition="natural", num_clients=len(corpus.clients),
+                             clients_per_round=len(corpus.clients), rounds=args.rounds, method="ffa",
+                             steps=args.steps, batch_size=2, seq_len=128, lr=args.lr, eval_examples=2,
+                             seed=args.seed, noop_rounds=1, checkpoint_dir=str(run_dir / "checkpoints"))
+    sigma = calibrate_noise_multiplier(args.epsilon, args.delta, 1.0, config.rounds)
+    dp = DPConfig(clip_norm=args.clip, noise_multiplier=sigma, delta=args.delta, max_epsilon=args.epsilon,
+                  min_clients=max(2, math.ceil(0.6 * config.clients_per_round)))
+    console.print(f"phones: {', '.join(c.name for c in corpus.clients)}")
+    console.print(f"DP: clip {args.clip}, noise multiplier {sigma:.2f} for epsilon <= {args.epsilon} at delta "
+                  f"{args.delta}; noise added on the phones (distributed), sum revealed only by secure aggregation")
+
+    def on_round(record: dict) -> None:
+        eps = record.get("epsilon")
+        console.print(f"round {record['round']}: held-out loss {record['global_loss']:.3f} "
+                      f"(ppl {record['global_perplexity']:.1f}), up {record.get('bytes_up', 0) / 1e3:.0f} kB"
+                      + (f", epsilon {eps:.2f}" if eps is not None else ""))
+
+    with console.status("Flower simulation on Ray (clients train LoRA on their own packages)"):
+        result, config = run_federated(config, corpus, on_round=on_round,
+                                       grid_wrapper=secure_grid_wrapper(config, dp, seed=args.seed),
+                                       client_app=secure_client_app())
+    version = f"{len(result.records) - 1:04d}"
+    registry = run_dir / "adapters"
+    adapter_dir = registry / version
+    save_adapter(config, result.final_state, adapter_dir)
+    timings["federated_s"] = time.perf_counter() - t0
+
+    _step(3, f"publish adapter {version}, signed; phones verify it and fold it into their draft")
+    signing_key = generate_signing_key()
+    save_signing_key(signing_key, run_dir / "adapter-signing.key", run_dir / "adapter-signing.pub")
+    sign_adapter_dir(adapter_dir, signing_key, {"version": version, "model": args.model})
+    load_verified_adapter(adapter_dir, signing_key.public_key())  # what an edge does before use
+    changed = merge_adapter_into_draft(draft, adapter_dir)
+    adapted_draft_dir = run_dir / "draft-adapted"
+    save_draft(draft, tokenizer, replace(draft_info, adapter_version=version), adapted_draft_dir)
+    console.print(f"adapter {version}: signature verified, folded into {changed} draft layers")
+
+    _step(4, f"serving: {args.phones} phones at {args.rtt_ms:g} ms RTT, edge-assisted vs cloud-only")
+    t0 = time.perf_counter()
+    from simulations import phones
+
+    serving_json = run_dir / "serving.json"
+    phone_args = argparse.Namespace(
+        phones=args.phones, rtt_ms=args.rtt_ms, jitter_ms=args.rtt_ms / 8, bandwidth_mbps=20.0, loss=0.0,
+        model=args.model, draft=str(adapted_draft_dir), max_new_tokens=args.max_new_tokens, k_max=8, port=0,
+        server=None, no_reference=False, json=str(serving_json), cloud_batch_wait_ms=4.0,
+        adapters=str(registry), adapter_version=version)
+    if phones.main(phone_args) != 0:
+        raise RuntimeError("the serving simulation failed (see above)")
+    serving = json.loads(serving_json.read_text())
+    timings["serving_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+
+    rounds = [r for r in result.records if r["round"] > 0]
+    report = {
+        "run_dir": str(run_dir),
+        "model": args.model,
+        "phones": [c.name for c in corpus.clients],
+        "federated": {
+            "method": config.method, "rounds": rounds, "initial_loss": result.records[0]["global_loss"],
+            "final_loss": result.records[-1]["global_loss"],
+            "final_perplexity": result.records[-1]["global_perplexity"],
+            "epsilon": rounds[-1].get("epsilon") if rounds else None, "delta": args.delta,
+            "noise_multiplier": sigma, "clip_norm": args.clip, "adapter_version": version,
+            "adapter_dir": str(adapter_dir), "model_bytes": result.model_bytes,
+        },
+        "serving": serving,
+        "timings": timings,
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "federated_config": asdict(config),
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _plots(report, run_dir)
+    _print_report(report)
+    return report
+
+
+def _plots(report: dict, run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fed = report["federated"]
+    rounds = fed["rounds"]
+    xs = [0] + [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(xs, [fed["initial_loss"]] + [r["global_loss"] for r in rounds], "o-", label="global held-out")
+    axes[0].plot([r["round"] for r in rounds], [r["worst_client_loss"] for r in rounds], "s--", label="worst phone")
+    axes[0].set(title="federated LoRA: held-out loss", xlabel="round", ylabel="loss")
+    axes[0].legend()
+    axes[1].bar([r["round"] for r in rounds], [r["bytes_up"] / 1e3 for r in rounds], label="up")
+    axes[1].bar([r["round"] + 0.3 for r in rounds], [r["bytes_down"] / 1e3 for r in rounds], width=0.3, label="down")
+    axes[1].set(title="bytes per round (all phones)", xlabel="round", ylabel="kB")
+    axes[1].legend()
+    axes[2].plot([r["round"] for r in rounds], [r.get("epsilon") or 0.0 for r in rounds], "o-")
+    axes[2].axhline(report["config"]["epsilon"], color="red", linestyle=":", label="budget")
+    axes[2].set(title=f"privacy spent (delta {fed['delta']:g})", xlabel="round", ylabel="epsilon")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "federated.png", dpi=110)
+    plt.close(fig)
+
+    s = report["serving"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    modes = ["cloud-only", "edge-assisted"]
+    axes[0].bar(modes, [s["cloud_cpu_s_per_token_cloud_only"] * 1e3, s["cloud_cpu_s_per_token_edge_assisted"] * 1e3],
+                color=["grey", "tab:green"])
+    axes[0].set(title=f"cloud CPU per token (capacity x{s['capacity_ratio']:.2f})", ylabel="ms CPU / token")
+    width = 0.35
+    p50 = [s["p50_ms_per_token_cloud_only"], s["p50_ms_per_token_edge_assisted"]]
+    p95 = [s["p95_ms_per_token_cloud_only"], s["p95_ms_per_token_edge_assisted"]]
+    axes[1].bar([0 - width / 2, 1 - width / 2], p50, width, label="p50")
+    axes[1].bar([0 + width / 2, 1 + width / 2], p95, width, label="p95")
+    axes[1].set_xticks([0, 1], modes)
+    axes[1].set(title="latency per token seen by a phone", ylabel="ms")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "serving.png", dpi=110)
+    plt.close(fig)
+
+
+def _print_report(report: dict) -> None:
+    fed, s = report["federated"], report["serving"]
+    table = Table(title="federated rounds (secure aggregation + DP)")
+    for col in ("round", "held-out loss", "perplexity", "worst phone loss", "up kB", "down kB", "epsilon",
+                "survivors"):
+        table.add_column(col, justify="right")
+    table.add_row("0", f"{fed['initial_loss']:.3f}", f"{math.exp(fed['initial_loss']):.1f}", "", "", "", "", "")
+    for r in fed["rounds"]:
+        eps = r.get("epsilon")
+        table.add_row(str(r["round"]), f"{r['global_loss']:.3f}", f"{r['global_perplexity']:.1f}",
+                      f"{r['worst_client_loss']:.3f}", f"{r['bytes_up'] / 1e3:.0f}", f"{r['bytes_down'] / 1e3:.0f}",
+                      f"{eps:.2f}" if eps is not None else "-", str(r.get("secagg_survivors", "-")))
+    console.print(table)
+    table = Table(title=f"serving: {len(report['phones'])} phones, RTT {s['rtt_ms']:g} ms")
+    table.add_column("metric")
+    table.add_column("cloud-only", justify="right")
+    table.add_column("edge-assisted", justify="right")
+    table.add_row("cloud CPU ms / token", f"{s['cloud_cpu_s_per_token_cloud_only'] * 1e3:.1f}",
+                  f"{s['cloud_cpu_s_per_token_edge_assisted'] * 1e3:.1f}")
+    table.add_row("cloud tokens / s", f"{s['cloud_tokens_per_s_cloud_only']:.1f}",
+                  f"{s['cloud_tokens_per_s_edge_assisted']:.1f}")
+    table.add_row("p50 / p95 ms per token", f"{s['p50_ms_per_token_cloud_only']:.0f} / "
+                  f"{s['p95_ms_per_token_cloud_only']:.0f}", f"{s['p50_ms_per_token_edge_assisted']:.0f} / "
+                  f"{s['p95_ms_per_token_edge_assisted']:.0f}")
+    table.add_row("target forwards", str(s["target_forwards_cloud_only"]), str(s["target_forwards_edge_assisted"]))
+    tokens_per_call = s["tokens_edge_assisted"] / max(1, s["target_forwards_edge_assisted"])
+    table.add_row("acceptance / tokens per target call", "", f"{s['acceptance_rate']:.2f} / {tokens_per_call:.2f}")
+    console.print(table)
+    eps = f"{fed['epsilon']:.2f}" if fed["epsilon"] is not None else "not accounted"
+    console.print(f"capacity ratio (cloud CPU per token, cloud-only / edge-assisted): [bold]{s['capacity_ratio']:.2f}"
+                  f"[/bold]; greedy output identical: {s['greedy_identical']}; epsilon spent: {eps}")
+    console.print(f"total {report['timings']['total_s']:.0f} s; report, plots, adapter and draft in "
+                  f"[bold]{report['run_dir']}[/bold]")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(args)
+    return 0
