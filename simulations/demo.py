@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=max(Console().width, 110))  # a report: wide enough that no column is cut
 
 
 def _step(n: int, text: str) -> None:
@@ -218,5 +218,9 @@ def _print_report(report: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     run_demo(args)
     return 0
