@@ -266,8 +266,8 @@ def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
         stop_cloud(proc, hard=True)
     kinds = [k for k, _ in events]
     assert "unverified" in kinds, "the edge should have drafted on its own while the cloud was down"
-    assert kinds.index("unverified") < len(kinds) - 1 - kinds[::-1].index("verified") or "rewrite" in kinds \
-        or result.stats.offline_kept > 0
+    # the offline tail was reconciled: its tokens were kept by the cloud, or rewritten from the first rejection
+    assert result.stats.offline_kept > 0 or "rewrite" in kinds
     assert result.offline_spans and result.stats.offline_tokens > 0
     assert result.stats.reconnects >= 1 and result.stats.reopened >= 1
     # once reconciled, the text is exactly the target's greedy text
