@@ -80,14 +80,18 @@ def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory):
-    """A registry with two published versions; the latest has a file bigger than one chunk."""
+def adapters_dir(tmp_path_factory, tiny):
+    """A registry with two published peft LoRA versions (B = 0, so they leave the target's output
+    unchanged); the latest also carries a file bigger than one chunk."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny
     root = tmp_path_factory.mktemp("adapters")
-    (root / "v0001").mkdir()
-    (root / "v0001" / "adapter_config.json").write_text('{"r": 8}')
-    (root / "v0002").mkdir()
-    (root / "v0002" / "adapter_config.json").write_text('{"r": 16}')
-    (root / "v0002" / "adapter_model.safetensors").write_bytes(os.urandom(600_000))
+    for version, rank in (("v0001", 4), ("v0002", 8)):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                      target_modules=["q_proj", "v_proj"]))
+        peft_model.save_pretrained(root / version)
+    (root / "v0002" / "training_log.bin").write_bytes(os.urandom(300_000))
     return root
 
 
@@ -277,7 +281,8 @@ def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
 
 def test_adapters_stream_in_checksummed_chunks(cloud, adapters_dir, tiny, tmp_path):
     version, names = fetch_adapter(cloud, "", str(tmp_path))  # "" = the latest
-    assert version == "v0002" and names == ["adapter_config.json", "adapter_model.safetensors"]
+    assert version == "v0002"
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_log.bin"} <= set(names)
     for name in names:
         assert (tmp_path / version / name).read_bytes() == (adapters_dir / version / name).read_bytes()
     assert fetch_adapter(cloud, "v0001", str(tmp_path))[0] == "v0001"
