@@ -205,6 +205,10 @@ def main(args: argparse.Namespace) -> int:
         build_draft(DraftSpec(target=args.model, quant="int4"), draft_dir)
     draft, tokenizer, info = load_draft(draft_dir)
     adapter_version = getattr(args, "adapter_version", "") or ""
+    if adapter_version:  # the phones run the same global adapter on their draft as the cloud on its target
+        from edge.draft import merge_adapter_into_draft
+
+        merge_adapter_into_draft(draft, Path(args.adapters) / adapter_version)
     prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
