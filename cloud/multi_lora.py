@@ -9,16 +9,15 @@ so version "" (no adapter) is the plain target, bit for bit.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from kernels.lora import lora_apply, stack_adapters
+from peft_methods.lora_files import AdapterFileError, read_lora_adapter
 
 
 class AdapterLoadError(ValueError):
@@ -62,22 +61,11 @@ class AdapterBank:
         """Load a peft LoRA adapter directory as `version`; returns its row index."""
         if version in self.index:
             return self.index[version]
-        adapter_dir = Path(adapter_dir)
         try:
-            config = json.loads((adapter_dir / "adapter_config.json").read_text())
-            state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise AdapterLoadError(f"adapter {version!r} in {adapter_dir} is unreadable: {exc}") from exc
-        if config.get("use_dora"):
-            raise AdapterLoadError(f"adapter {version!r} is DoRA; the multi-adapter path serves LoRA only")
-        scale = float(config["lora_alpha"]) / float(config["r"])
-        pairs = {}
-        for key, tensor_a in state.items():
-            if ".lora_A." in key:
-                name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-                pairs[name] = (tensor_a, state[key.replace(".lora_A.", ".lora_B.")])
-        if not pairs:
-            raise AdapterLoadError(f"adapter {version!r} holds no LoRA tensors")
+            lora = read_lora_adapter(adapter_dir)
+        except AdapterFileError as exc:
+            raise AdapterLoadError(f"adapter {version!r}: {exc}") from exc
+        scale, pairs = lora.scale, lora.pairs
         if self.target_modules is None:
             self._wrap(set(pairs))
         if set(pairs) != self.target_modules:

@@ -34,6 +34,7 @@ import grpc
 import torch
 
 from edge.speculative import DraftLengthController, DraftSession
+from fedge.models import encode_prompt
 from kernels.verify import SamplingParams, sampling_probs
 from protocol import fedge_pb2, fedge_pb2_grpc
 from protocol.codecs import truncate_q
@@ -534,15 +535,6 @@ def fetch_adapter(server: str, version: str, out_dir: str, timeout_s: float = 60
         return got, sorted(files)
     finally:
         channel.close()
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Chat models get the chat template (instruction prompts); raw text is continued as is."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedge.models import load_model, model_fingerprint, resolve_model, tokenizer_fingerprint
 from kernels.quant import COMPUTE_DTYPE, Int8Linear, QuantizedEmbedding, empty_quantized_linear, quantize_linear
+from peft_methods.lora_files import AdapterFileError, read_lora_adapter
 
 DRAFT_FORMAT = "fedge-draft/1"
 QUANT_CHOICES = ("none", "int8", "int4")
@@ -264,32 +265,21 @@ def merge_adapter_into_draft(draft: nn.Module, adapter_dir: str | Path) -> int:
     Float layers get scale * B @ A added to their weight; quantised layers keep their weights and
     gain a low-rank side path. Layers the draft dropped are skipped. Returns the layers changed.
     """
-    from safetensors.torch import load_file as load_tensors
-
-    adapter_dir = Path(adapter_dir)
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        state = load_tensors(str(adapter_dir / "adapter_model.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise DraftError(f"{adapter_dir} is not a readable peft adapter: {exc}") from exc
-    if config.get("use_dora"):
-        raise DraftError("DoRA adapters are not supported on drafts; use LoRA")
-    scale = float(config["lora_alpha"]) / float(config["r"])
+        lora = read_lora_adapter(adapter_dir)
+    except AdapterFileError as exc:
+        raise DraftError(str(exc)) from exc
     changed = 0
     with torch.no_grad():
-        for key_a, tensor_a in state.items():
-            if ".lora_A." not in key_a:
-                continue
-            tensor_b = state[key_a.replace(".lora_A.", ".lora_B.")]
-            name = key_a.split(".lora_A.")[0].removeprefix("base_model.model.")
+        for name, (tensor_a, tensor_b) in lora.pairs.items():
             try:
                 module = draft.get_submodule(name)
             except AttributeError:
                 continue  # a layer the draft does not keep
             if isinstance(module, nn.Linear):
-                module.weight += (scale * tensor_b.float() @ tensor_a.float()).to(module.weight.dtype)
+                module.weight += (lora.scale * tensor_b.float() @ tensor_a.float()).to(module.weight.dtype)
             else:
                 parent, child = name.rsplit(".", 1)
-                setattr(draft.get_submodule(parent), child, LoraSideLinear(module, tensor_a, tensor_b, scale))
+                setattr(draft.get_submodule(parent), child, LoraSideLinear(module, tensor_a, tensor_b, lora.scale))
             changed += 1
     return changed

@@ -145,6 +145,15 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Chat models get the chat template (instruction prompts); raw text is continued as is."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the full tokenizer definition; edge and cloud must agree on it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
 from edge.speculative import autoregressive_generate
 from fedge.data import load_corpus
-from fedge.models import load_model
-from simulations.generate import SpeculativeGenerator, encode_prompt, parse_k
+from fedge.models import encode_prompt, load_model
+from simulations.generate import SpeculativeGenerator, parse_k
 
 
 def default_data_dir() -> Path:

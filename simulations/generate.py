@@ -16,17 +16,8 @@ import torch
 from cloud.verifier import VerifierSession
 from edge.draft import DraftError, DraftSpec, build_draft, load_draft
 from edge.speculative import DraftLengthController, DraftSession, GenerationStats, speculative_generate
-from fedge.models import load_model
+from fedge.models import encode_prompt, load_model
 from kernels.verify import SamplingParams
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Chat models get the chat template (instruction prompts); raw text is continued as is."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
 
 
 def parse_k(value: str | int | None) -> int | None:

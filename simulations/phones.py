@@ -191,9 +191,9 @@ def main(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from edge.client import EdgeClient, EdgeConfig, NetworkProfile, encode_prompt
+    from edge.client import EdgeClient, EdgeConfig, NetworkProfile
     from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
-    from fedge.models import load_model
+    from fedge.models import encode_prompt, load_model
 
     console = Console(stderr=True)
     if args.phones < 1:

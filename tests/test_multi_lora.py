@@ -43,7 +43,7 @@ def test_rows_with_different_adapters_match_peft(tiny, tmp_path):
 def test_bad_adapters_are_refused(tiny, tmp_path):
     base, _ = tiny
     bank = AdapterBank(copy.deepcopy(base))
-    with pytest.raises(AdapterLoadError, match="unreadable"):
+    with pytest.raises(AdapterLoadError, match="not a readable peft adapter"):
         bank.load("missing", tmp_path / "nope")
     with pytest.raises(KeyError):
         bank.row_index("never-loaded")
