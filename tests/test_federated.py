@@ -148,7 +148,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
     # moments, round number, sampling, seeds) is off by orders of magnitude more, as round 2 is:
     round1 = load_file(str(ckpt.parent / "hetlora" / "round-0001" / "adapter.safetensors"))
     for key, value in uninterrupted.items():
-        torch.testing.assert_close(result.final_state[key], value, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(result.final_state[key], value, atol=1e-6, rtol=1e-4)
     moved = max(float((uninterrupted[k] - round1[k]).abs().max()) for k in uninterrupted if LORA_B in k)
     assert moved > 1e-4
     saved = load_file(str(ckpt.parent / "hetlora" / "round-0002" / "adapter.safetensors"))
