@@ -143,14 +143,16 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
     result = run(resumed_cfg)
     assert result.resumed_from == 1
     assert [r["round"] for r in result.records] == [0, 1, 2]
-    # Equal to float32 rounding: which Ray actor trains which client varies between runs, and float32
-    # kernels may round differently by a unit in the last place. A resume that lost any state (Adam
-    # moments, round number, sampling, seeds) is off by orders of magnitude more, as round 2 is:
+    # Equal up to float32 rounding: which Ray actor trains which client varies between runs, float32
+    # kernels may round differently in the last place, and FedAdam's m/sqrt(v) amplifies that on tiny
+    # coordinates. A resume that lost any state (Adam moments, round number, sampling, seeds) is off
+    # by the size of a whole round's move; require a thousand times less than that.
     round1 = load_file(str(ckpt.parent / "hetlora" / "round-0001" / "adapter.safetensors"))
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(result.final_state[key], value, atol=1e-6, rtol=1e-4)
-    moved = max(float((uninterrupted[k] - round1[k]).abs().max()) for k in uninterrupted if LORA_B in k)
+    assert set(result.final_state) == set(uninterrupted)
+    moved = max(float((uninterrupted[k] - round1[k]).abs().max()) for k in uninterrupted)
+    differs = max(float((result.final_state[k] - uninterrupted[k]).abs().max()) for k in uninterrupted)
     assert moved > 1e-4
+    assert differs < 1e-3 * moved, (differs, moved)
     saved = load_file(str(ckpt.parent / "hetlora" / "round-0002" / "adapter.safetensors"))
     assert set(saved) == set(uninterrupted)
     assert any(LORA_B in k for k in saved)
