@@ -2,7 +2,7 @@
 
 A `VerifierEngine` owns the target model and every session on one replica. `verify_many` takes
 the rounds that arrived together (one per session, ragged draft lengths, greedy and sampled mixed)
-and runs them as one target forward (`cloud.batching`). Cloud-only generation is the same round
+and runs them as one target forward (`fedge.cloud.batching`). Cloud-only generation is the same round
 with an empty draft, so both modes share the batching and the cost accounting.
 
 Errors carry a gRPC status code name so the ingress can map them without guessing.
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from cloud.batching import Row, SessionKV, batched_forward
-from cloud.multi_lora import AdapterBank
-from kernels.verify import SamplingParams, verify
-from protocol.codecs import validate_sparse_q
+from fedge.cloud.batching import Row, SessionKV, batched_forward
+from fedge.cloud.multi_lora import AdapterBank
+from fedge.kernels.verify import verify
+from fedge.protocol.codecs import validate_sparse_q
+from fedge.sampling import SamplingParams
 
 
 class VerifierError(Exception):

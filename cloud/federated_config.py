@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from peft_methods.config import METHODS, AdapterSpec, MethodSpec
+from fedge.peft_methods.config import METHODS, AdapterSpec, MethodSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
@@ -41,7 +41,7 @@ class FederatedConfig:
     min_clients: int = 1  # a round with fewer good updates leaves the global adapter unchanged
     noop_rounds: int = 3  # no-op rounds before training, to measure the simulation's overhead
     faults: str = ""  # "PID:KIND,..." with KIND in nan, inf, shape, crash, slow (tests and demos)
-    transforms: str = ""  # client update pipeline, see edge.federated_client
+    transforms: str = ""  # client update pipeline, see fedge.edge.federated_client
     threads_per_client: int = 1
     pull_interval: float = 0.01  # InMemoryGrid polling (Flower's default 0.1 s)
     checkpoint_dir: str | None = None

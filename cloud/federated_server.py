@@ -39,8 +39,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from cloud.federated_config import FederatedConfig
-from peft_methods.aggregation import (
+from fedge.cloud.federated_config import FederatedConfig
+from fedge.peft_methods.aggregation import (
     StateDict,
     Summation,
     aggregation_error,
@@ -50,7 +50,7 @@ from peft_methods.aggregation import (
     truncate_rank,
     weighted_sum,
 )
-from peft_methods.config import MethodSpec
+from fedge.peft_methods.config import MethodSpec
 
 log = logging.getLogger("fedge.federated")
 
@@ -307,7 +307,7 @@ class FederatedRun:
         self.corpus = corpus
         self.on_round = on_round
         self.summation = summation
-        # wraps the grid for training rounds, e.g. cloud.secure_aggregation.SecureAggregationGrid
+        # wraps the grid for training rounds, e.g. fedge.cloud.secure_aggregation.SecureAggregationGrid
         self.grid_wrapper = grid_wrapper
         self.result = FederatedResult()
         self.error: BaseException | None = None
@@ -376,7 +376,7 @@ class FederatedRun:
                 raise RuntimeError(f"no-op round failed: {failed or 'missing replies'}")
 
     def execute(self, grid: Grid) -> None:
-        from peft_methods.adapters import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
+        from fedge.peft_methods.adapters import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
 
         cfg = self.config
         if hasattr(grid, "pull_interval"):

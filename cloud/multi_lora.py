@@ -3,7 +3,7 @@
 The verifier batches sessions of different edges into one forward; sessions opened against
 different global-adapter versions (or none) share it. Every LoRA-targeted linear of the target is
 wrapped once in a `MultiLoraLinear` that adds `scale * B[a] A[a] x` for its row's adapter `a`
-through `kernels.lora.lora_apply` (SGMV-style on CPU, Triton on CUDA). Base weights stay untouched,
+through `fedge.kernels.lora.lora_apply` (SGMV-style on CPU, Triton on CUDA). Base weights stay untouched,
 so version "" (no adapter) is the plain target, bit for bit.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.lora import lora_apply, stack_adapters
-from peft_methods.lora_files import AdapterFileError, read_lora_adapter
+from fedge.kernels.lora import lora_apply, stack_adapters
+from fedge.peft_methods.lora_files import AdapterFileError, read_lora_adapter
 
 
 class AdapterLoadError(ValueError):

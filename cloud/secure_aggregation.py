@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from peft_methods.dp import DPConfig, PrivacyBudget, PrivacyBudgetExceeded, RoundPrivacy, check_noise_coverage
-from protocol.secagg import (
+from fedge.peft_methods.dp import DPConfig, PrivacyBudget, PrivacyBudgetExceeded, RoundPrivacy, check_noise_coverage
+from fedge.protocol.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggServer,
@@ -37,7 +37,7 @@ from protocol.secagg import (
     flatten_arrays,
     unflatten_arrays,
 )
-from protocol.secagg_records import (
+from fedge.protocol.secagg_records import (
     DP_KEY,
     SECAGG_KEY,
     STAGE_MASK,

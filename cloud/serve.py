@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from cloud.adapters import CHUNK_BYTES, AdapterRegistry
-from cloud.engine import Limits, Round, VerifierEngine, VerifierError
-from kernels.verify import SamplingParams
-from protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.cloud.adapters import CHUNK_BYTES, AdapterRegistry
+from fedge.cloud.engine import Limits, Round, VerifierEngine, VerifierError
+from fedge.protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.sampling import SamplingParams
 
 DEFAULT_PORT = 50051
 
@@ -392,7 +392,7 @@ class CloudServer:
         chunk_bytes = max(1024, min(CHUNK_BYTES, self.cfg.max_message_bytes - 1024))
         fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry, chunk_bytes), self.server)
         if self.cfg.tls_dir:
-            from protocol.tls import server_credentials
+            from fedge.protocol.tls import server_credentials
 
             credentials = server_credentials(self.cfg.tls_dir, require_client_auth=True)
             self.bound_port = self.server.add_secure_port(f"{self.cfg.host}:{self.cfg.port}", credentials)

@@ -6,9 +6,10 @@ import time
 
 import torch
 
+from fedge.kernels.verify import verify
 from fedge.kv_session import ModelSession
-from kernels.verify import SamplingParams, verify
-from protocol.verifier_api import VerifyReply
+from fedge.protocol.verifier_api import VerifyReply
+from fedge.sampling import SamplingParams
 
 
 class VerifierSession:

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from edge.speculative import DraftLengthController, DraftSession
+from fedge.edge.speculative import DraftLengthController, DraftSession
 from fedge.models import encode_prompt
-from kernels.verify import SamplingParams, sampling_probs
-from protocol import fedge_pb2, fedge_pb2_grpc
-from protocol.codecs import truncate_q
+from fedge.protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.protocol.codecs import truncate_q
+from fedge.sampling import SamplingParams, sampling_probs
 
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN}
@@ -258,7 +258,7 @@ class EdgeClient:
         self.adapter_version = adapter_version
         credentials = None
         if self.config.tls_dir:
-            from protocol.tls import device_channel_credentials
+            from fedge.protocol.tls import device_channel_credentials
 
             if not self.config.device_id:
                 raise EdgeError("tls_dir is set but device_id is not: mutual TLS needs this device's certificate")
@@ -268,7 +268,7 @@ class EdgeClient:
 
     @classmethod
     def from_draft_dir(cls, server: str, draft_dir: str, config: EdgeConfig | None = None) -> EdgeClient:
-        from edge.draft import load_draft
+        from fedge.edge.draft import load_draft
 
         draft, tokenizer, info = load_draft(draft_dir)
         config = config or EdgeConfig(server=server)
@@ -539,7 +539,7 @@ def fetch_adapter(server: str, version: str, out_dir: str, timeout_s: float = 60
 
 def main(args: argparse.Namespace) -> int:
     """`fedge edge generate --server HOST:PORT --draft DIR --prompt TEXT`."""
-    from edge.draft import DraftError
+    from fedge.edge.draft import DraftError
 
     network = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss)
     cfg = EdgeConfig(server=args.server, k_max=args.k_max, fixed_k=None if args.k == "auto" else int(args.k),

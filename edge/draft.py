@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedge.kernels.quant import COMPUTE_DTYPE, Int8Linear, QuantizedEmbedding, empty_quantized_linear, quantize_linear
 from fedge.models import load_model, model_fingerprint, resolve_model, tokenizer_fingerprint
-from kernels.quant import COMPUTE_DTYPE, Int8Linear, QuantizedEmbedding, empty_quantized_linear, quantize_linear
-from peft_methods.lora_files import AdapterFileError, read_lora_adapter
+from fedge.peft_methods.lora_files import AdapterFileError, read_lora_adapter
 
 DRAFT_FORMAT = "fedge-draft/1"
 QUANT_CHOICES = ("none", "int8", "int4")

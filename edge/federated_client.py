@@ -34,10 +34,10 @@ import torch  # imported here, not lazily: ArrayRecord.to_torch_state_dict needs
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge.lora_trainer import LocalTrainConfig, train_local
-from peft_methods.adapters import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
-from peft_methods.aggregation import StateDict, adapter_rank, client_delta, pad_rank
-from peft_methods.config import AdapterSpec, MethodSpec
+from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+from fedge.peft_methods.adapters import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
+from fedge.peft_methods.aggregation import StateDict, adapter_rank, client_delta, pad_rank
+from fedge.peft_methods.config import AdapterSpec, MethodSpec
 
 
 @dataclass

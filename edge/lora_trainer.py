@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peft_methods.adapters import AdaptedModel, adapter_name, collate, pad_token_id, sample_windows
+from fedge.peft_methods.adapters import AdaptedModel, adapter_name, collate, pad_token_id, sample_windows
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Add them to any ClientApp without touching its train function:
 
     app = ClientApp(mods=[secagg_mod])          # or @app.train(mods=[secagg_mod])
 
-`secagg_mod` answers the four secure-aggregation stages (see protocol.secagg). At the masked-input
+`secagg_mod` answers the four secure-aggregation stages (see fedge.protocol.secagg). At the masked-input
 stage it calls the wrapped train function, turns its reply into an update (trained - global, or the
 reply itself for methods whose clients send what is summed, e.g. FedSVD products), clips it and adds
 this client's share of the DP noise when the server asks for DP, masks it and sends only the masked
@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
-from peft_methods.dp import ClientDPTransform, DPConfig
-from protocol.secagg import SecAggClient, SecAggError, VectorLayout
-from protocol.secagg_records import (
+from fedge.peft_methods.dp import ClientDPTransform, DPConfig
+from fedge.protocol.secagg import SecAggClient, SecAggError, VectorLayout
+from fedge.protocol.secagg_records import (
     DP_KEY,
     MASKED_KEY,
     SECAGG_KEY,

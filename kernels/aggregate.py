@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.dispatch import use_triton
+from fedge.kernels.dispatch import use_triton
 
 Updates = torch.Tensor | Sequence[torch.Tensor]
 DEFAULT_CHUNK = 1 << 20
@@ -113,7 +113,7 @@ def update_norms(updates: Updates) -> torch.Tensor:
     """L2 norm of each client's update, float32 (K,): Triton on CUDA, torch elsewhere."""
     rows = _as_rows(updates)
     if use_triton(rows[0]):
-        from kernels.triton_aggregate import update_norms_triton
+        from fedge.kernels.triton_aggregate import update_norms_triton
 
         return update_norms_triton(updates)
     if isinstance(updates, torch.Tensor):
@@ -140,7 +140,7 @@ def aggregate_updates(
     weights = _as_weights(weights, device)
     _check_args(len(rows), weights, clip_norm, noise_std)
     if use_triton(rows[0]):
-        from kernels.triton_aggregate import aggregate_updates_triton
+        from fedge.kernels.triton_aggregate import aggregate_updates_triton
 
         return aggregate_updates_triton(updates, weights, clip_norm, noise_std, generator, norms)
     if norms is None:  # needed for clipping, and without clipping still the cheap NaN/inf guard

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.dispatch import use_triton
+from fedge.kernels.dispatch import use_triton
 
 
 def check_lora_inputs(
@@ -121,7 +121,7 @@ def lora_apply(
     (x's without base). Triton on CUDA, segmented matmuls elsewhere.
     """
     if use_triton(x, lora_a, lora_b, base):
-        from kernels.triton_lora import lora_apply_triton
+        from fedge.kernels.triton_lora import lora_apply_triton
 
         return lora_apply_triton(x, lora_a, lora_b, adapter_ids, scaling, base)
     return lora_apply_segmented(x, lora_a, lora_b, adapter_ids, scaling, base)

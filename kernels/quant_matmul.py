@@ -2,24 +2,24 @@
 
 Weights are [N, K] (out, in), quantised along K.
 
-- int8: `qweight` int8 [N, K]; `scales` [N] (one per output row, `kernels.quant.Int8Linear`'s
+- int8: `qweight` int8 [N, K]; `scales` [N] (one per output row, `fedge.kernels.quant.Int8Linear`'s
   layout) or [N, K // group_size] (group-wise). w = q * scale.
 - int4: `qweight` uint8 [N, K // 2], two codes per byte along K, the even k in the low nibble;
   codes in [0, 15]. `scales_and_zeros` [K // group_size, N, 2] float, exactly the layout of
-  `kernels.quant.Int4Linear.scales_and_zeros` and torch's `_weight_int4pack_mm_for_cpu`:
+  `fedge.kernels.quant.Int4Linear.scales_and_zeros` and torch's `_weight_int4pack_mm_for_cpu`:
   w = (q - 8) * scale + zero. Symmetric int4 is zero = 0.
 
 Activations x are [..., K] in any float dtype; outputs are [..., N] in x's dtype, accumulated in
 float32. The references dequantise and call one matmul; `int8_matmul` / `int4_matmul` run the
-Triton kernels (`kernels.triton_quant`) on CUDA and the references elsewhere (on CPU the packed
-torch ops in `kernels.quant` are the fast path).
+Triton kernels (`fedge.kernels.triton_quant`) on CUDA and the references elsewhere (on CPU the packed
+torch ops in `fedge.kernels.quant` are the fast path).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from fedge.kernels.dispatch import use_triton
 
 
 def _check_x(x: torch.Tensor, k: int) -> None:
@@ -167,7 +167,7 @@ def int8_matmul(
 ) -> torch.Tensor:
     """Weight-only int8 matmul: Triton on CUDA, the dequantising reference elsewhere."""
     if use_triton(x, qweight, scales, bias):
-        from kernels.triton_quant import int8_matmul_triton
+        from fedge.kernels.triton_quant import int8_matmul_triton
 
         return int8_matmul_triton(x, qweight, scales, bias)
     return int8_matmul_reference(x, qweight, scales, bias)
@@ -179,7 +179,7 @@ def int4_matmul(
 ) -> torch.Tensor:
     """Weight-only int4 matmul: Triton on CUDA, the dequantising reference elsewhere."""
     if use_triton(x, qweight, scales_and_zeros, bias):
-        from kernels.triton_quant import int4_matmul_triton
+        from fedge.kernels.triton_quant import int4_matmul_triton
 
         return int4_matmul_triton(x, qweight, scales_and_zeros, group_size, bias)
     return int4_matmul_reference(x, qweight, scales_and_zeros, group_size, bias)

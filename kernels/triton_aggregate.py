@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.aggregate import Updates, _as_rows, clip_coefficients
+from fedge.kernels.aggregate import Updates, _as_rows, clip_coefficients
 
 BLOCK = 1024
 CHUNK_BLOCKS = 8  # a program streams CHUNK_BLOCKS * BLOCK elements
@@ -85,7 +85,7 @@ def aggregate_updates_triton(
     generator: torch.Generator | None = None,
     norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See `kernels.aggregate.aggregate_updates` (which checks the arguments and dispatches here)."""
+    """See `fedge.kernels.aggregate.aggregate_updates` (which checks the arguments and dispatches here)."""
     rows = _as_rows(updates)
     device = rows[0].device
     if norms is None:

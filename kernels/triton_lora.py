@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import _scaling_vector, check_lora_inputs
+from fedge.kernels.lora import _scaling_vector, check_lora_inputs
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def lora_apply_triton(
     block_in: int = 256,
     block_out: int = 128,
 ) -> torch.Tensor:
-    """See `kernels.lora.lora_apply`."""
+    """See `fedge.kernels.lora.lora_apply`."""
     check_lora_inputs(x, lora_a, lora_b, adapter_ids, scaling, base)
     n_adapters, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]

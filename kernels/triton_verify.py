@@ -8,8 +8,8 @@ one row per session, the first rejected position or the bonus position, and samp
 max(0, p - q) by the Gumbel-max trick, so it needs no normalisation and no second reduction.
 Total traffic is about (K+2)/(K+1) of the logits plus one draft row per session.
 
-Temperature sampling is fused; top-k / top-p need a sort, so `kernels.verify.verify` sends them to
-the vectorised torch path instead. Semantics are those of `kernels.verify.verify_reference`.
+Temperature sampling is fused; top-k / top-p need a sort, so `fedge.kernels.verify.verify` sends them to
+the vectorised torch path instead. Semantics are those of `fedge.kernels.verify.verify_reference`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.verify import SamplingParams, VerifyResult
-from kernels.verify_torch import _rand, accepted_prefix, check_verify_inputs
+from fedge.kernels.verify import VerifyResult
+from fedge.kernels.verify_torch import _rand, accepted_prefix, check_verify_inputs
+from fedge.sampling import SamplingParams
 
 INT32_MAX = 2**31 - 1
 
@@ -160,7 +161,7 @@ def verify_triton(
     """
     check_verify_inputs(target_logits, draft_ids, draft_lens, draft_probs)
     if not params.greedy and (params.top_k or params.top_p < 1.0):
-        raise ValueError("verify_triton fuses temperature only; use kernels.verify.verify for top-k/top-p")
+        raise ValueError("verify_triton fuses temperature only; use fedge.kernels.verify.verify for top-k/top-p")
     device = target_logits.device
     batch, width, vocab = target_logits.shape
     k = width - 1

@@ -22,44 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means no top-k filter
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and self.temperature == self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p, over the last dimension (float32)."""
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+from fedge.sampling import SamplingParams, sampling_probs
 
 
 @dataclass
@@ -139,12 +102,12 @@ def verify(
     Top-k / top-p sampling needs a sort over the vocabulary, which the Triton kernel does not fuse:
     it takes the vectorised torch path on every device. Results live on target_logits' device.
     """
-    from kernels.dispatch import use_triton
-    from kernels.verify_torch import verify_torch
+    from fedge.kernels.dispatch import use_triton
+    from fedge.kernels.verify_torch import verify_torch
 
     fused = params.greedy or (params.top_k == 0 and params.top_p == 1.0)
     if fused and use_triton(target_logits, draft_probs):
-        from kernels.triton_verify import verify_triton
+        from fedge.kernels.triton_verify import verify_triton
 
         return verify_triton(target_logits, draft_ids, draft_lens, params, draft_probs, generator)
     return verify_torch(target_logits, draft_ids, draft_lens, params, draft_probs, generator)

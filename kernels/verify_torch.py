@@ -1,9 +1,9 @@
 """Vectorised torch speculative verification: every session in one set of tensor ops, no Python loop.
 
-Same semantics as `kernels.verify.verify_reference` (see that module's docstring). Greedy results
+Same semantics as `fedge.kernels.verify.verify_reference` (see that module's docstring). Greedy results
 are identical to the reference; sampling results have the same distribution but consume the random
 generator in a different order (all acceptance uniforms first, then one residual draw per session).
-Runs on any device; it is the CPU path of `kernels.verify.verify` and the CUDA fallback for
+Runs on any device; it is the CPU path of `fedge.kernels.verify.verify` and the CUDA fallback for
 top-k / top-p sampling, which the Triton kernel does not fuse.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.verify import SamplingParams, VerifyResult, sampling_probs
+from fedge.kernels.verify import VerifyResult
+from fedge.sampling import SamplingParams, sampling_probs
 
 
 def check_verify_inputs(

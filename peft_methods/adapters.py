@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from peft_methods.aggregation import StateDict
-from peft_methods.config import AdapterSpec, lora_config
+from fedge.peft_methods.aggregation import StateDict
+from fedge.peft_methods.config import AdapterSpec, lora_config
 
 
 def adapter_name(rank: int) -> str:

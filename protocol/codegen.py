@@ -3,7 +3,7 @@
 The stubs are checked in (so importing fedge needs no build step); a test regenerates them into a
 temporary directory and fails if they differ from the checked-in files.
 
-    python -m protocol.codegen            # rewrite protocol/fedge_pb2.py, fedge_pb2_grpc.py
+    python -m fedge.protocol.codegen            # rewrite protocol/fedge_pb2.py, fedge_pb2_grpc.py
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def generate(out_dir: Path) -> dict[str, str]:
     for name in OUTPUTS:
         text = (out_dir / name).read_text()
         # the generated grpc module imports `fedge_pb2` as a top-level module; make it a package import
-        texts[name] = text.replace("import fedge_pb2 as fedge__pb2", "from protocol import fedge_pb2 as fedge__pb2")
+        package_import = "from fedge.protocol import fedge_pb2 as fedge__pb2"
+        texts[name] = text.replace("import fedge_pb2 as fedge__pb2", package_import)
     return texts
 
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol import fedge_pb2 as fedge__pb2
+from fedge.protocol import fedge_pb2 as fedge__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

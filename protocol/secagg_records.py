@@ -11,7 +11,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.secagg import (
+from fedge.protocol.secagg import (
     AdvertisedKeys,
     EncryptedShare,
     MaskedInput,
@@ -29,7 +29,7 @@ UPDATE_DELTA, UPDATE_DIRECT = "delta", "direct"
 
 
 def dp_fields(dp) -> dict:
-    """The DP parameters a client needs (a peft_methods.dp.DPConfig), as ConfigRecord fields."""
+    """The DP parameters a client needs (a fedge.peft_methods.dp.DPConfig), as ConfigRecord fields."""
     return {"dp.clip_norm": float(dp.clip_norm), "dp.noise_multiplier": float(dp.noise_multiplier),
             "dp.min_clients": int(dp.min_clients), "dp.noise_at": str(dp.noise_at)}
 

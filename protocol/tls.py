@@ -182,7 +182,7 @@ def create_certificates(out_dir: str | Path, devices: Iterable[str] = (),
     An existing CA is reused (so new devices can be added later) unless `overwrite` is set; existing
     device certificates are kept.
     """
-    from protocol.signing import generate_signing_key, save_signing_key
+    from fedge.protocol.signing import generate_signing_key, save_signing_key
 
     devices = [check_device_id(d) for d in devices]
     if len(set(devices)) != len(devices):

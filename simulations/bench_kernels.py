@@ -82,13 +82,14 @@ def peak_bandwidth_gbps(device: torch.device) -> tuple[float | None, str]:
 
 
 def _verify_cases(device: torch.device, quick: bool):
-    from kernels.verify import SamplingParams, verify_reference
-    from kernels.verify_torch import verify_torch
+    from fedge.kernels.verify import verify_reference
+    from fedge.kernels.verify_torch import verify_torch
+    from fedge.sampling import SamplingParams
 
     on_gpu = device.type == "cuda"
     shapes = [(8, 4, 49152)] if quick or not on_gpu else [(8, 4, 49152), (64, 4, 49152), (32, 7, 152064)]
     if on_gpu:
-        from kernels.triton_verify import verify_triton
+        from fedge.kernels.triton_verify import verify_triton
     for batch, k, vocab in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn(batch, k + 1, vocab, device=device, generator=gen)
@@ -114,7 +115,7 @@ def _verify_cases(device: torch.device, quick: bool):
                 yield (name, f"B={batch} K={k} V={vocab}", baseline_name, baseline, fast_name, fast,
                        logit_bytes + extra_bytes, 0)
         if on_gpu:  # the streaming pass alone, without the host-side checks and the tiny scan
-            from kernels.triton_verify import _launch_shape, _row_stats_kernel
+            from fedge.kernels.triton_verify import _launch_shape, _row_stats_kernel
 
             rows = batch * (k + 1)
             per_program, tile, chunk, n_splits = _launch_shape(rows, vocab, 1024, device)
@@ -132,7 +133,7 @@ def _verify_cases(device: torch.device, quick: bool):
 
 
 def _quant_cases(device: torch.device, quick: bool):
-    from kernels.quant_matmul import (
+    from fedge.kernels.quant_matmul import (
         int4_matmul_reference,
         int4_to_cpu_pack,
         int8_matmul_reference,
@@ -142,7 +143,7 @@ def _quant_cases(device: torch.device, quick: bool):
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from kernels.triton_quant import int4_matmul_triton, int8_matmul_triton
+        from fedge.kernels.triton_quant import int4_matmul_triton, int8_matmul_triton
         shapes = [(1, 1536, 576), (1, 4096, 4096), (1, 14336, 4096), (1, 28672, 8192), (16, 4096, 4096)]
     else:
         shapes = [(1, 1536, 576), (1, 4096, 4096), (16, 4096, 4096)]
@@ -164,7 +165,7 @@ def _quant_cases(device: torch.device, quick: bool):
                      lambda x=x, packed=packed, sz=sz: torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz))
         yield ("int4 matmul g32", f"M={m} N={n} K={k}", "dequantise + matmul",
                lambda x=x, q4=q4, sz=sz: int4_matmul_reference(x, q4, sz, 32), *fast4, int4_bytes, flops)
-        q8, s8 = quantize_int8(weight)  # per-row scales: kernels.quant's layout and torch's packed op
+        q8, s8 = quantize_int8(weight)  # per-row scales: fedge.kernels.quant's layout and torch's packed op
         int8_bytes = q8.numel() + s8.numel() * s8.element_size() + act_bytes
         if on_gpu:
             fast8 = ("triton", lambda x=x, q8=q8, s8=s8: int8_matmul_triton(x, q8, s8))
@@ -177,11 +178,11 @@ def _quant_cases(device: torch.device, quick: bool):
 
 
 def _lora_cases(device: torch.device, quick: bool):
-    from kernels.lora import lora_apply_reference, lora_apply_segmented
+    from fedge.kernels.lora import lora_apply_reference, lora_apply_segmented
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from kernels.triton_lora import lora_apply_triton
+        from fedge.kernels.triton_lora import lora_apply_triton
         shapes = [(64, 8, 16, 4096, 4096), (256, 32, 16, 4096, 4096)]
     else:
         shapes = [(64, 8, 16, 576, 576), (64, 8, 16, 576, 1536)]
@@ -206,11 +207,11 @@ def _lora_cases(device: torch.device, quick: bool):
 
 
 def _aggregate_cases(device: torch.device, quick: bool):
-    from kernels.aggregate import aggregate_updates, aggregate_updates_reference
+    from fedge.kernels.aggregate import aggregate_updates, aggregate_updates_reference
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from kernels.triton_aggregate import aggregate_updates_triton
+        from fedge.kernels.triton_aggregate import aggregate_updates_triton
         shapes = [(16, 4 * 2**20), (64, 4 * 2**20)]
     else:
         shapes = [(16, 2**20), (8, 4 * 2**20)]

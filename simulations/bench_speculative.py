@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
-from edge.speculative import autoregressive_generate
 from fedge.data import load_corpus
+from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
+from fedge.edge.speculative import autoregressive_generate
 from fedge.models import encode_prompt, load_model
-from simulations.generate import SpeculativeGenerator, parse_k
+from fedge.simulations.generate import SpeculativeGenerator, parse_k
 
 
 def default_data_dir() -> Path:

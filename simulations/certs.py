@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protocol.tls import CertificateError, create_certificates
+from fedge.protocol.tls import CertificateError, create_certificates
 
 
 def _device_ids(args: argparse.Namespace) -> list[str]:

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", default="stdlib", help=f"distillation text: {SOURCES_HELP}")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", required=True)
-    build.set_defaults(func=_run("simulations.generate", "main_build"))
+    build.set_defaults(func=_run("fedge.simulations.generate", "main_build"))
 
     gen = sub.add_parser("generate", help="speculative generation, draft and target in this process")
     gen.add_argument("--target", default=DEFAULT_MODEL)
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--k", default="auto", help="draft length per round: auto or N")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(func=_run("simulations.generate", "main_generate"))
+    gen.set_defaults(func=_run("fedge.simulations.generate", "main_generate"))
 
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(
         dest="action", required=True)
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec_bench.add_argument("--max-new-tokens", type=int, default=64)
     spec_bench.add_argument("--k", default="auto")
     spec_bench.add_argument("--json", default="bench-speculative.json")
-    spec_bench.set_defaults(func=_run("simulations.bench_speculative"))
+    spec_bench.set_defaults(func=_run("fedge.simulations.bench_speculative"))
     kernel_bench = bench.add_parser("kernels", help="kernel vs torch reference: time, GB/s, fraction of peak")
     kernel_bench.add_argument("--json", default="bench-kernels.json")
     kernel_bench.add_argument("--ops", default="verify,quant,lora,aggregate", help="comma-separated subset")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernel_bench.add_argument("--quick", action="store_true", help="fewer and smaller shapes")
     kernel_bench.add_argument("--budget", type=float, default=0.5, help="seconds of timing per function")
     kernel_bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    kernel_bench.set_defaults(func=_run("simulations.bench_kernels"))
+    kernel_bench.set_defaults(func=_run("fedge.simulations.bench_kernels"))
 
     certs = sub.add_parser("certs", help="TLS certificates and device identities").add_subparsers(
         dest="action", required=True)
@@ -161,15 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     certs_create.add_argument("--hosts", default="localhost,127.0.0.1", help="server certificate names/addresses")
     certs_create.add_argument("--days", type=int, default=825)
     certs_create.add_argument("--overwrite", action="store_true", help="replace an existing CA and keys")
-    certs_create.set_defaults(func=_run("simulations.certs"))
+    certs_create.set_defaults(func=_run("fedge.simulations.certs"))
 
     simulate = sub.add_parser("simulate", help="simulations: federated fine-tuning, phones").add_subparsers(
         dest="action", required=True)
-    from simulations.federated import add_arguments as add_federated_arguments
+    from fedge.simulations.federated import add_arguments as add_federated_arguments
 
     fed_sim = simulate.add_parser("federated", help="federated LoRA on Flower + Ray (LoRA-aware aggregation)")
     add_federated_arguments(fed_sim)
-    fed_sim.set_defaults(func=_run("simulations.federated"))
+    fed_sim.set_defaults(func=_run("fedge.simulations.federated"))
 
     phones = simulate.add_parser("phones", help="N phones against a real `fedge cloud serve`: cloud-only vs "
                                                 "edge-assisted, cloud CPU-seconds per token")
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     phones.add_argument("--adapters", default=None, help="adapter registry dir the started cloud serves")
     phones.add_argument("--adapter-version", default="", help="sessions use this served adapter version")
     phones.add_argument("--json", default="simulate-phones.json")
-    phones.set_defaults(func=_run("simulations.phones"))
+    phones.set_defaults(func=_run("fedge.simulations.phones"))
 
     cloud = sub.add_parser("cloud", help="the cloud coordinator").add_subparsers(dest="action", required=True)
     serve = cloud.add_parser("serve", help="Ray + Ray Serve verifier (batched) behind a gRPC ingress")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout-s", type=float, default=300.0)
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
-    serve.set_defaults(func=_run("cloud.serve"))
+    serve.set_defaults(func=_run("fedge.cloud.serve"))
 
     edge = sub.add_parser("edge", help="the edge device").add_subparsers(dest="action", required=True)
     edge_gen = edge.add_parser("generate", help="draft here, verify in the cloud (keeps going offline)")
@@ -230,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     edge_gen.add_argument("--jitter-ms", type=float, default=0.0)
     edge_gen.add_argument("--bandwidth-mbps", type=float, default=0.0)
     edge_gen.add_argument("--loss", type=float, default=0.0)
-    edge_gen.set_defaults(func=_run("edge.client"))
+    edge_gen.set_defaults(func=_run("fedge.edge.client"))
 
     privacy = sub.add_parser("privacy", help="privacy experiments: DP vs attacks, secure-aggregation cost")
     privacy_sub = privacy.add_subparsers(dest="action", required=True)
-    from simulations.privacy_args import add_privacy_arguments
+    from fedge.simulations.privacy_args import add_privacy_arguments
 
     add_privacy_arguments(privacy_sub)
-    privacy.set_defaults(func=_run("simulations.privacy"))
+    privacy.set_defaults(func=_run("fedge.simulations.privacy"))
 
     demo = sub.add_parser("demo", help="the whole phone-plus-server scenario, with a report")
     demo.add_argument("--model", default=DEFAULT_MODEL)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs", help="the run directory is created under this")
-    demo.set_defaults(func=_run("simulations.demo"))
+    demo.set_defaults(func=_run("fedge.simulations.demo"))
     return parser
 
 

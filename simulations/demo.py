@@ -30,14 +30,14 @@ def _step(n: int, text: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from cloud.federated_config import FederatedConfig
-    from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft, merge_adapter_into_draft
+    from fedge.cloud.federated_config import FederatedConfig
     from fedge.data import load_corpus
+    from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft, merge_adapter_into_draft
     from fedge.models import resolve_model
-    from peft_methods.dp import DPConfig, calibrate_noise_multiplier
-    from protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
-    from simulations.federated import run_federated, save_adapter
-    from simulations.privacy import secure_client_app, secure_grid_wrapper
+    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
+    from fedge.protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
+    from fedge.simulations.federated import run_federated, save_adapter
+    from fedge.simulations.privacy import secure_client_app, secure_grid_wrapper
 
     started = time.perf_counter()
     run_dir = Path(args.out) / time.strftime("demo-%Y%m%d-%H%M%S")
@@ -97,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     _step(4, f"serving: {args.phones} phones at {args.rtt_ms:g} ms RTT, edge-assisted vs cloud-only")
     t0 = time.perf_counter()
-    from simulations import phones
+    from fedge.simulations import phones
 
     serving_json = run_dir / "serving.json"
     phone_args = argparse.Namespace(

@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cloud.federated_config import FederatedConfig
-from peft_methods.config import METHODS
+from fedge.cloud.federated_config import FederatedConfig
+from fedge.peft_methods.config import METHODS
 
 log = logging.getLogger("fedge.federated")
 
@@ -43,8 +43,8 @@ def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None
     """Run one federated simulation; returns the FederatedResult (raises what the ServerApp raised)."""
     from flwr.simulation import run_simulation
 
-    from cloud.federated_server import FederatedRun
-    from edge.federated_client import app as default_client_app
+    from fedge.cloud.federated_server import FederatedRun
+    from fedge.edge.federated_client import app as default_client_app
 
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
@@ -65,7 +65,7 @@ def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None
 
 
 def _eval_loss(adapted, windows_by_client: dict, pad_id: int) -> tuple[float, dict]:
-    from peft_methods.adapters import mean_token_loss
+    from fedge.peft_methods.adapters import mean_token_loss
 
     losses, tokens = {}, {}
     for name, windows in windows_by_client.items():
@@ -78,8 +78,8 @@ def _eval_loss(adapted, windows_by_client: dict, pad_id: int) -> tuple[float, di
 
 def baselines(config: FederatedConfig, corpus, local_only_clients: int, console) -> dict:
     """Centralised LoRA on pooled data, and local-only LoRA per client (same steps as the run)."""
-    from edge.lora_trainer import LocalTrainConfig, train_local
-    from peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
+    from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+    from fedge.peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
 
     adapted = AdaptedModel(config.model, config.adapter_spec)
     tok = adapted.tokenizer
@@ -125,7 +125,7 @@ def baselines(config: FederatedConfig, corpus, local_only_clients: int, console)
 
 
 def method_report(config: FederatedConfig, result, base: dict) -> dict:
-    from cloud.federated_server import overhead_s_per_round
+    from fedge.cloud.federated_server import overhead_s_per_round
 
     records = result.records
     final = records[-1]
@@ -252,7 +252,7 @@ def plot(reports: list[dict], base: dict, path: Path) -> None:
 
 
 def save_adapter(config: FederatedConfig, state, path: Path) -> None:
-    from peft_methods.adapters import AdaptedModel
+    from fedge.peft_methods.adapters import AdaptedModel
 
     AdaptedModel(config.model, config.adapter_spec).save(path, state)
 

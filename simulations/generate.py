@@ -1,6 +1,6 @@
 """In-process speculative generation: `fedge draft build` and `fedge generate`, and their Python API.
 
-    from simulations.generate import SpeculativeGenerator
+    from fedge.simulations.generate import SpeculativeGenerator
     gen = SpeculativeGenerator.load("smollm2-135m-instruct", "drafts/int4")
     text, stats = gen.generate("def fibonacci(n):", max_new_tokens=64)
 """
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cloud.verifier import VerifierSession
-from edge.draft import DraftError, DraftSpec, build_draft, load_draft
-from edge.speculative import DraftLengthController, DraftSession, GenerationStats, speculative_generate
+from fedge.cloud.verifier import VerifierSession
+from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
+from fedge.edge.speculative import DraftLengthController, DraftSession, GenerationStats, speculative_generate
 from fedge.models import encode_prompt, load_model
-from kernels.verify import SamplingParams
+from fedge.sampling import SamplingParams
 
 
 def parse_k(value: str | int | None) -> int | None:

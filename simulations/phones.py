@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
     """`fedge cloud serve` in its own process (session), returns once it serves."""
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "cloud", "serve", "--model", model,
+    proc = subprocess.Popen([sys.executable, "-m", "fedge.simulations.cli", "cloud", "serve", "--model", model,
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
     ready = threading.Event()
@@ -172,8 +172,8 @@ def _run_mode(mode: str, clients, prompts: list[list[int]], max_new: int, stop: 
 
 def measure_draft_s(draft, prompt_ids: list[int], tokens: int = 16) -> float:
     """Seconds per drafted token of one phone drafting alone (median of a few proposals)."""
-    from edge.speculative import DraftSession
-    from kernels.verify import SamplingParams
+    from fedge.edge.speculative import DraftSession
+    from fedge.sampling import SamplingParams
 
     session = DraftSession(draft, prompt_ids, SamplingParams())
     session.propose(2)  # warm-up
@@ -191,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from edge.client import EdgeClient, EdgeConfig, NetworkProfile
-    from edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
+    from fedge.edge.client import EdgeClient, EdgeConfig, NetworkProfile
+    from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
     from fedge.models import encode_prompt, load_model
 
     console = Console(stderr=True)
@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     draft, tokenizer, info = load_draft(draft_dir)
     adapter_version = getattr(args, "adapter_version", "") or ""
     if adapter_version:  # the phones run the same global adapter on their draft as the cloud on its target
-        from edge.draft import merge_adapter_into_draft
+        from fedge.edge.draft import merge_adapter_into_draft
 
         merge_adapter_into_draft(draft, Path(args.adapters) / adapter_version)
     prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
@@ -214,13 +214,13 @@ def main(args: argparse.Namespace) -> int:
 
     reference: list[list[int]] | None = None
     if not args.no_reference:
-        from edge.speculative import autoregressive_generate
+        from fedge.edge.speculative import autoregressive_generate
 
         target, _ = load_model(args.model)
         reference = []
         with contextlib.ExitStack() as stack, Progress(console=console, transient=True) as bar:
             if adapter_version:  # the reference is target + adapter, computed as the cloud serves it
-                from cloud.multi_lora import AdapterBank
+                from fedge.cloud.multi_lora import AdapterBank
 
                 bank = AdapterBank(target)
                 bank.load(adapter_version, Path(args.adapters) / adapter_version)

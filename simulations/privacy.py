@@ -2,9 +2,9 @@
 
 Both experiments run the project's real federated LoRA path: Flower's simulation engine (Ray), the
 edge ClientApp's train function (local LoRA with peft) wrapped in the privacy mods
-(`edge.secure_aggregation.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy
-(`cloud.federated_server.build_strategy`) and its rounds driven through
-`cloud.secure_aggregation.SecureAggregationGrid`. One ServerApp runs every configuration of an
+(`fedge.edge.secure_aggregation.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy
+(`fedge.cloud.federated_server.build_strategy`) and its rounds driven through
+`fedge.cloud.secure_aggregation.SecureAggregationGrid`. One ServerApp runs every configuration of an
 experiment back to back in the same simulation, so the comparisons share the machine and the actors.
 
 - `fedge privacy dp`: for each epsilon (inf = no DP), train the global adapter from the same init
@@ -94,7 +94,7 @@ def roc_auc(member_scores: list[float], nonmember_scores: list[float]) -> float:
 
 
 def per_window_losses(model, windows: list[list[int]], pad_id: int) -> list[float]:
-    from peft_methods.adapters import mean_token_loss
+    from fedge.peft_methods.adapters import mean_token_loss
 
     return [mean_token_loss(model, [w], pad_id) for w in windows]
 
@@ -116,8 +116,8 @@ def secure_client_app():
     """The edge ClientApp's handlers, wrapped in the privacy mods."""
     from flwr.clientapp import ClientApp
 
-    from edge import federated_client
-    from edge.secure_aggregation import dp_mod, secagg_mod
+    from fedge.edge import federated_client
+    from fedge.edge.secure_aggregation import dp_mod, secagg_mod
 
     app = ClientApp(mods=[secagg_mod, dp_mod])
     app.query()(federated_client.query)
@@ -127,7 +127,7 @@ def secure_client_app():
 
 def trained_layout(method_spec):
     """The layout of what clients send (the method's trained tensors), from the train message."""
-    from protocol.secagg import VectorLayout
+    from fedge.protocol.secagg import VectorLayout
 
     def layout(messages) -> VectorLayout:
         record = next(iter(messages[0].content.array_records.values()))
@@ -142,8 +142,8 @@ def secure_grid_wrapper(config, dp=None, threshold: float = 0.6, seed: int = 0):
 
     Clients send the method's trained tensors directly (FFA/FedSVD: B only), so the masked sum is
     exactly the sum the strategy would have computed in the clear."""
-    from cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
-    from protocol.secagg_records import UPDATE_DIRECT
+    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+    from fedge.protocol.secagg_records import UPDATE_DIRECT
 
     settings = SecureAggregationSettings(threshold=threshold, update_mode=UPDATE_DIRECT,
                                          layout=trained_layout(config.method_spec), dp=dp,
@@ -156,8 +156,8 @@ def _simulate(config, corpus, body) -> dict:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from cloud.federated_server import FederatedRun
-    from simulations.federated import backend_config
+    from fedge.cloud.federated_server import FederatedRun
+    from fedge.simulations.federated import backend_config
 
     out: dict = {}
     run = FederatedRun(config, corpus)
@@ -183,7 +183,7 @@ def _simulate(config, corpus, body) -> dict:
 
 def _train_rounds(grid, strategy, config, state, rounds: int):
     """configure -> (secure) send_and_receive -> aggregate -> finalize, as the cloud's round loop does."""
-    from cloud.federated_server import finalize, to_record
+    from fedge.cloud.federated_server import finalize, to_record
 
     for server_round in range(1, rounds + 1):
         if getattr(grid, "budget_exhausted", False):
@@ -200,13 +200,13 @@ def _train_rounds(grid, strategy, config, state, rounds: int):
 
 
 def run_dp_experiment(args: argparse.Namespace) -> dict:
-    from cloud.federated_config import FederatedConfig
-    from cloud.federated_server import build_strategy
-    from cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+    from fedge.cloud.federated_config import FederatedConfig
+    from fedge.cloud.federated_server import build_strategy
+    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
     from fedge.data import load_corpus
-    from peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
-    from peft_methods.dp import DPConfig, RDPAccountant, calibrate_noise_multiplier
-    from protocol.secagg_records import UPDATE_DIRECT
+    from fedge.peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
+    from fedge.peft_methods.dp import DPConfig, RDPAccountant, calibrate_noise_multiplier
+    from fedge.protocol.secagg_records import UPDATE_DIRECT
 
     workdir = Path(tempfile.mkdtemp(prefix="fedge-privacy-"))
     data = build_dataset(workdir, args.clients, args.examples_per_client, args.canary_repeats, args.seed)
@@ -289,7 +289,7 @@ def run_dp_experiment(args: argparse.Namespace) -> dict:
 
 def crypto_microbenchmark(vector_length: int, clients: int, dropout: float, repeats: int = 1) -> dict:
     """The cryptography alone, in process: a secure round vs summing the same vectors in the clear."""
-    from protocol.secagg import SecAggConfig, run_in_process
+    from fedge.protocol.secagg import SecAggConfig, run_in_process
 
     rng = np.random.default_rng(0)
     updates = {i + 1: rng.normal(0, 0.01, vector_length) for i in range(clients)}
@@ -311,12 +311,12 @@ def crypto_microbenchmark(vector_length: int, clients: int, dropout: float, repe
 
 
 def run_secagg_time(args: argparse.Namespace) -> dict:
-    from cloud.federated_config import FederatedConfig
-    from cloud.federated_server import build_strategy
-    from cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+    from fedge.cloud.federated_config import FederatedConfig
+    from fedge.cloud.federated_server import build_strategy
+    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
     from fedge.data import load_corpus
-    from peft_methods.adapters import AdaptedModel
-    from protocol.secagg_records import UPDATE_DIRECT
+    from fedge.peft_methods.adapters import AdaptedModel
+    from fedge.protocol.secagg_records import UPDATE_DIRECT
 
     config = FederatedConfig(model=args.model, data="stdlib", partition=args.partition, num_clients=args.clients,
                              clients_per_round=args.clients_per_round, rounds=args.rounds, method="ffa",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_privacy_arguments(sub) -> None:
-    """`fedge privacy dp` and `fedge privacy secagg-time` (handlers in simulations.privacy)."""
+    """`fedge privacy dp` and `fedge privacy secagg-time` (handlers in fedge.simulations.privacy)."""
     dp = sub.add_parser("dp", help="membership inference, canary exposure, utility vs epsilon (DP + secagg)")
     dp.add_argument("--model", default="tiny-random-llama")
     dp.add_argument("--epsilons", default="inf,8,4,1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_methods.aggregation import (
+from fedge.peft_methods.aggregation import (
     AggregationError,
     aggregate,
     aggregation_error,
@@ -18,7 +18,7 @@ from peft_methods.aggregation import (
     truncate_rank,
     weighted_sum,
 )
-from peft_methods.config import MethodSpec
+from fedge.peft_methods.config import MethodSpec
 
 MODULES = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16), "layers.1.q_proj": (24, 16)}
 

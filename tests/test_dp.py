@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_methods.dp import (
+from fedge.peft_methods.dp import (
     DEFAULT_RDP_ORDERS,
     ClientDPTransform,
     DPConfig,
@@ -19,7 +19,7 @@ from peft_methods.dp import (
     clip_update,
     l2_norm,
 )
-from protocol.secagg import SecAggConfig, flatten_arrays, run_in_process, unflatten_arrays
+from fedge.protocol.secagg import SecAggConfig, flatten_arrays, run_in_process, unflatten_arrays
 
 
 # TensorFlow Privacy, tutorials/README.md ("Select Parameters"): DP-SGD on MNIST, 60000 examples, batch 256,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud.federated_config import FederatedConfig
+from fedge.cloud.federated_config import FederatedConfig
 from fedge.data import load_corpus
-from peft_methods.aggregation import LORA_B, lora_pairs
+from fedge.peft_methods.aggregation import LORA_B, lora_pairs
 
 GROUPS = ("json", "email", "http", "asyncio", "logging")
 
@@ -46,7 +46,7 @@ def make_config(corpus_path: Path, tmp: Path, **overrides) -> FederatedConfig:
 
 
 def run(config: FederatedConfig):
-    from simulations.federated import run_federated
+    from fedge.simulations.federated import run_federated
 
     corpus = load_corpus(config.data, config.partition, num_clients=config.num_clients, seed=config.seed)
     result, _ = run_federated(config, corpus)
@@ -68,7 +68,7 @@ def test_two_rounds_four_clients_on_flower_and_ray(uninterrupted, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
 
     from fedge.models import load_model
-    from simulations.federated import save_adapter
+    from fedge.simulations.federated import save_adapter
 
     config, result = uninterrupted
     records = result.records
@@ -117,7 +117,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
     # the same run as a CLI process, killed (SIGKILL) while round 2 is under way
     ckpt = tmp_path / "b" / "ckpt"
     cfg = make_config(corpus_path, tmp_path / "b", **common)
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "federated", "--model", cfg.model,
+    cmd = [sys.executable, "-m", "fedge.simulations.cli", "simulate", "federated", "--model", cfg.model,
            "--data", cfg.data, "--clients", "4", "--clients-per-round", "3", "--rounds", "2",
            "--method", "hetlora", "--strategy", "fedadam", "--server-lr", "1e-2", "--rank", "4",
            "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--lr", "1e-2", "--eval-examples", "2",
@@ -159,7 +159,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
 
 
 def test_resume_refuses_a_different_run(corpus_path, tmp_path):
-    from cloud.federated_server import save_checkpoint
+    from fedge.cloud.federated_server import save_checkpoint
 
     config = make_config(corpus_path, tmp_path)
     # a checkpoint written by a run with another rank

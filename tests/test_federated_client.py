@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge.federated_client import UpdateContext, build_update_pipeline, register_update_transform
-from edge.lora_trainer import LocalTrainConfig, train_local
 from fedge.data import Example
-from peft_methods.adapters import AdaptedModel
-from peft_methods.aggregation import LORA_A, LORA_B, client_delta, lora_pairs
-from peft_methods.config import AdapterSpec, MethodSpec
+from fedge.edge.federated_client import UpdateContext, build_update_pipeline, register_update_transform
+from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+from fedge.peft_methods.adapters import AdaptedModel
+from fedge.peft_methods.aggregation import LORA_A, LORA_B, client_delta, lora_pairs
+from fedge.peft_methods.config import AdapterSpec, MethodSpec
 
 TEXT = [Example(text="def add(a, b):\n    return a + b\n" * 8, group="g", doc=f"d{i}") for i in range(4)]
 CONFIG = LocalTrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2)

@@ -8,17 +8,17 @@ import torch
 
 
 def test_bench_kernels_cli_parses():
-    from simulations.cli import build_parser
+    from fedge.simulations.cli import build_parser
 
     args = build_parser().parse_args(["bench", "kernels", "--json", "out.json", "--ops", "lora", "--quick"])
     assert args.json == "out.json" and args.ops == "lora" and args.quick and callable(args.func)
 
 
 def test_bench_kernels_runs_and_writes_json(tmp_path, monkeypatch, capsys):
-    from simulations import bench_kernels
+    from fedge.simulations import bench_kernels
 
     def tiny_cases(device, quick):  # the real shapes take seconds each on 2 cores
-        from kernels.lora import lora_apply_reference, lora_apply_segmented
+        from fedge.kernels.lora import lora_apply_reference, lora_apply_segmented
 
         x, a, b = torch.randn(4, 8), torch.randn(2, 2, 8), torch.randn(2, 6, 2)
         ids = torch.tensor([0, 1, -1, 0])
@@ -28,7 +28,7 @@ def test_bench_kernels_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench_kernels.OPS, "lora", tiny_cases)
     out = tmp_path / "bench.json"
     parser_args = ["bench", "kernels", "--json", str(out), "--ops", "lora", "--device", "cpu", "--budget", "0.01"]
-    from simulations.cli import build_parser
+    from fedge.simulations.cli import build_parser
 
     assert bench_kernels.main(build_parser().parse_args(parser_args)) == 0
     report = json.loads(out.read_text())

@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 matmul: Triton kernels against the dequantising references, the layouts
-against torch's packed CPU ops and kernels.quant. Triton runs under TRITON_INTERPRET=1 on CPU."""
+against torch's packed CPU ops and fedge.kernels.quant. Triton runs under TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ else:
 
 pytest.importorskip("triton")
 
-from kernels.quant_matmul import (  # noqa: E402
+from fedge.kernels.quant_matmul import (  # noqa: E402
     dequantize_int4,
     dequantize_int8,
     int4_matmul,
@@ -31,7 +31,7 @@ from kernels.quant_matmul import (  # noqa: E402
     unpack_int4,
 )
 
-triton_quant = importlib.import_module("kernels.triton_quant")
+triton_quant = importlib.import_module("fedge.kernels.triton_quant")
 
 
 def _weight(n=40, k=192, seed=0):
@@ -55,7 +55,7 @@ def _dev(*tensors):
 
 @pytest.mark.parametrize("m", [1, 2, 5, 33])  # GEMV rows, and the tl.dot path with a ragged tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group_size", [None, 64])  # per-row scales (kernels.quant) and group-wise
+@pytest.mark.parametrize("group_size", [None, 64])  # per-row scales (fedge.kernels.quant) and group-wise
 def test_int8_matches_reference(m, dtype, group_size):
     qweight, scales = quantize_int8(_weight(), group_size)
     bias = torch.randn(40)
@@ -112,7 +112,7 @@ def test_quantisers_and_packing():
 
 
 def test_int4_layout_matches_torch_cpu_op_and_kernels_quant():
-    """The same scales_and_zeros (kernels.quant.Int4Linear's buffer) drive torch's packed CPU op and ours."""
+    """The same scales_and_zeros (fedge.kernels.quant.Int4Linear's buffer) drive torch's packed CPU op and ours."""
     w = _weight(n=64, k=128)
     qweight, scales_and_zeros = quantize_int4(w, 32)
     x = _x(3, 128, torch.bfloat16)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from cloud.multi_lora import AdapterBank, AdapterLoadError
+from fedge.cloud.multi_lora import AdapterBank, AdapterLoadError
 
 
 def _adapter(model, path, rank, seed):

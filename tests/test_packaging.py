@@ -1,12 +1,23 @@
+"""Packaging: fedge installs under its own namespace, next to packages with generic names."""
+
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FOLDERS = ("protocol", "cloud", "edge", "peft_methods", "kernels", "simulations")
 
 
 def test_fedge_kernels_package_is_not_mistaken_for_hf_kernels():
     from transformers.utils.import_utils import is_kernels_available
 
-    import kernels  # noqa: F401  (our package is importable under this name)
+    import fedge.kernels  # noqa: F401
 
     assert is_kernels_available() is False
 
@@ -19,11 +30,50 @@ def test_console_script_installed():
 
 
 def test_layering_cloud_and_edge_do_not_import_each_other():
-    import pathlib
-    import re
-
-    root = pathlib.Path(__file__).resolve().parents[1]
     for own, other in (("cloud", "edge"), ("edge", "cloud")):
-        for path in (root / own).rglob("*.py"):
+        for path in (ROOT / own).rglob("*.py"):
             text = path.read_text()
-            assert not re.search(rf"^\s*(from|import)\s+{other}\b", text, re.M), f"{path} imports {other}"
+            pattern = rf"^\s*(from|import)\s+(fedge\.)?{other}\b"
+            assert not re.search(pattern, text, re.M), f"{path} imports {other}"
+
+
+@pytest.mark.slow
+def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
+    """A fresh virtual environment with fedge's wheel and the PyPI `kernels` package imports both."""
+    # build from a copy of the tracked files: an in-tree build would leave build/ in the checkout
+    source = tmp_path / "source"
+    for name in subprocess.check_output(["git", "ls-files"], cwd=ROOT, text=True).split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(source)],
+                   check=True, capture_output=True)
+    wheel = next(wheels.glob("fedge-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+        names = set(archive.namelist())
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"fedge"}, tops
+    for name in SOURCE_FOLDERS:
+        assert f"fedge/{name}/__init__.py" in names, f"fedge.{name} is missing from the wheel"
+    assert "fedge/protocol/fedge.proto" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), "kernels==0.17.2"],
+                   check=True, capture_output=True)
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    # fedge's own dependencies (torch, transformers, ...) come from the development environment,
+    # appended after the fresh site-packages so that the fresh copies win.
+    (site / "zz-dev-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    check = (
+        "import kernels, fedge.kernels.verify, fedge.protocol.fedge_pb2_grpc, fedge.edge.draft;"
+        "from pathlib import Path;"
+        f"site = Path({str(site)!r});"
+        "assert Path(kernels.__file__).parent == site / 'kernels', kernels.__file__;"
+        "assert Path(fedge.kernels.verify.__file__).parent == site / 'fedge' / 'kernels';"
+        "assert hasattr(kernels, 'get_kernel'), 'not the Hugging Face kernels package';"
+        "print('ok')"
+    )
+    result = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

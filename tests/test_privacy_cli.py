@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from simulations.cli import main
-from simulations.privacy import crypto_microbenchmark, roc_auc
+from fedge.simulations.cli import main
+from fedge.simulations.privacy import crypto_microbenchmark, roc_auc
 
 
 def test_certs_create_cli(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from protocol.secagg import (
+from fedge.protocol.secagg import (
     FIELD_PRIME,
     EncryptedShare,
     SecAggClient,

@@ -9,9 +9,9 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
-from edge.secure_aggregation import dp_mod, secagg_mod
-from peft_methods.dp import DPConfig
+from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+from fedge.edge.secure_aggregation import dp_mod, secagg_mod
+from fedge.peft_methods.dp import DPConfig
 
 N_CLIENTS = 6
 

@@ -16,11 +16,11 @@ import psutil
 import pytest
 import torch
 
-from edge.client import EdgeClient, EdgeConfig, EdgeError, fetch_adapter
-from edge.speculative import autoregressive_generate
+from fedge.edge.client import EdgeClient, EdgeConfig, EdgeError, fetch_adapter
+from fedge.edge.speculative import autoregressive_generate
 from fedge.models import model_fingerprint, tokenizer_fingerprint
-from kernels.verify import SamplingParams
-from protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.sampling import SamplingParams
 
 MAX_DRAFT = 8
 MAX_MESSAGE = 64 * 1024
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def start_cloud(port: int, *extra: str, timeout_s: float = 120.0) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port",
+        [sys.executable, "-m", "fedge.simulations.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port",
          str(port), "--max-draft-len", str(MAX_DRAFT), "--max-message-bytes", str(MAX_MESSAGE), "--threads", "1",
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

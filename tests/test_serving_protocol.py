@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud.batching import Row, SessionKV, batched_forward
-from cloud.engine import Limits, Round, VerifierEngine, VerifierError
-from cloud.verifier import VerifierSession
+from fedge.cloud.batching import Row, SessionKV, batched_forward
+from fedge.cloud.engine import Limits, Round, VerifierEngine, VerifierError
+from fedge.cloud.verifier import VerifierSession
 from fedge.kv_session import ModelSession
 from fedge.models import model_fingerprint, tokenizer_fingerprint
-from kernels.verify import SamplingParams
-from protocol.codecs import dense_from_sparse, truncate_q, validate_sparse_q
+from fedge.protocol.codecs import dense_from_sparse, truncate_q, validate_sparse_q
+from fedge.sampling import SamplingParams
 
 
 def test_checked_in_stubs_match_the_proto():
-    from protocol import codegen
+    from fedge.protocol import codegen
 
     with tempfile.TemporaryDirectory() as tmp:
         fresh = codegen.generate(Path(tmp))
     for name, text in fresh.items():
         checked_in = (codegen.PROTO_DIR / name).read_text()
-        assert checked_in == text, f"protocol/{name} is stale: run `python -m protocol.codegen`"
+        assert checked_in == text, f"protocol/{name} is stale: run `python -m fedge.protocol.codegen`"
 
 
 def test_sparse_q_roundtrip_and_validation():

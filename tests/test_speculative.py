@@ -5,17 +5,18 @@ import copy
 import pytest
 import torch
 
-from cloud.verifier import VerifierSession
-from edge.draft import DraftError, DraftSpec, build_draft, load_draft
-from edge.speculative import (
+from fedge.cloud.verifier import VerifierSession
+from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
+from fedge.edge.speculative import (
     DraftLengthController,
     DraftSession,
     autoregressive_generate,
     expected_tokens_per_round,
     speculative_generate,
 )
+from fedge.kernels.verify import verify_reference
 from fedge.kv_session import ModelSession
-from kernels.verify import SamplingParams, sampling_probs, verify_reference
+from fedge.sampling import SamplingParams, sampling_probs
 
 GREEDY = SamplingParams()
 
@@ -229,7 +230,7 @@ def test_global_adapter_folds_into_quantised_draft(tiny, tmp_path):
     adapter moved the target itself: the draft's own quantisation error is all that is left."""
     from peft import LoraConfig, get_peft_model
 
-    from edge.draft import merge_adapter_into_draft
+    from fedge.edge.draft import merge_adapter_into_draft
 
     target, tok = tiny
     adapted = get_peft_model(copy.deepcopy(target), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -12,7 +12,7 @@ import torch
 from cryptography import x509
 from safetensors.torch import save_file
 
-from protocol.signing import (
+from fedge.protocol.signing import (
     SIGNATURE_FILE,
     AdapterSignatureError,
     generate_signing_key,
@@ -23,7 +23,7 @@ from protocol.signing import (
     sign_blobs,
     verify_blobs,
 )
-from protocol.tls import (
+from fedge.protocol.tls import (
     CertificateError,
     CertPaths,
     channel_credentials,
@@ -190,8 +190,8 @@ def test_blob_signatures_cover_every_byte():
 
 def test_edge_cloud_link_over_mutual_tls(certs):
     """The serving path's own stubs and the edge's CloudLink, over mTLS: the servicer sees the device id."""
-    from edge.client import CloudLink
-    from protocol import fedge_pb2, fedge_pb2_grpc
+    from fedge.edge.client import CloudLink
+    from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 
     good, other = certs
 
