@@ -1,6 +1,6 @@
 """The edge's speculative loop: draft k tokens, have them verified, keep what the target keeps.
 
-The loop talks to any `fedge.protocol.verifier_api.Verifier` (the target in-process, or the cloud over
+The loop talks to any `fedge.speculative.Verifier` (the target in-process, or the cloud over
 gRPC). Greedy output equals the target's own greedy output; sampled output follows the target's
 distribution exactly, because the verifier applies the Leviathan et al. accept/resample rule with
 the draft's q.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedge.kv_session import ModelSession
-from fedge.protocol.verifier_api import Verifier
 from fedge.sampling import SamplingParams, sampling_probs
+from fedge.speculative import Verifier
 
 
 class DraftSession:

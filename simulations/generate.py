@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fedge.cloud.verifier import VerifierSession
 from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
 from fedge.edge.speculative import DraftLengthController, DraftSession, GenerationStats, speculative_generate
 from fedge.models import encode_prompt, load_model
 from fedge.sampling import SamplingParams
+from fedge.verifier_session import TargetVerifierSession
 
 
 def parse_k(value: str | int | None) -> int | None:
@@ -47,7 +47,7 @@ class SpeculativeGenerator:
                      params: SamplingParams | None = None, k: int | None = None, seed: int = 0,
                      on_tokens=None, stop_at_eos: bool = True) -> tuple[list[int], GenerationStats]:
         params = params or SamplingParams()
-        verifier = VerifierSession(self.target, prompt_ids, params, seed=seed)
+        verifier = TargetVerifierSession(self.target, prompt_ids, params, seed=seed)
         drafter = DraftSession(self.draft, prompt_ids, params, seed=seed)
         controller = DraftLengthController(k_max=self.k_max, fixed_k=k)
         eos = self.tokenizer.eos_token_id

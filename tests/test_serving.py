@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def start_cloud(port: int, *extra: str, timeout_s: float = 120.0) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.simulations.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port",
+        [sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port",
          str(port), "--max-draft-len", str(MAX_DRAFT), "--max-message-bytes", str(MAX_MESSAGE), "--threads", "1",
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -12,11 +12,11 @@ import torch
 
 from fedge.cloud.batching import Row, SessionKV, batched_forward
 from fedge.cloud.engine import Limits, Round, VerifierEngine, VerifierError
-from fedge.cloud.verifier import VerifierSession
 from fedge.kv_session import ModelSession
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.protocol.codecs import dense_from_sparse, truncate_q, validate_sparse_q
 from fedge.sampling import SamplingParams
+from fedge.verifier_session import TargetVerifierSession
 
 
 def test_checked_in_stubs_match_the_proto():
@@ -100,7 +100,7 @@ def test_engine_batches_16_sessions_with_ragged_drafts_like_separate_verifiers(t
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(2, 20))] for _ in range(16)]
     ids = [engine.open_session(tokenizer_fingerprint(tok), model_fingerprint(model), "", SamplingParams(), p)[
         "session_id"] for p in prompts]
-    refs = [VerifierSession(model, p, SamplingParams()) for p in prompts]
+    refs = [TargetVerifierSession(model, p, SamplingParams()) for p in prompts]
     drafters = [ModelSession(noisy, p) for p in prompts]
     for _ in range(6):
         rounds = []

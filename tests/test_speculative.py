@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from fedge.cloud.verifier import VerifierSession
 from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
 from fedge.edge.speculative import (
     DraftLengthController,
@@ -17,6 +16,7 @@ from fedge.edge.speculative import (
 from fedge.kernels.verify import verify_reference
 from fedge.kv_session import ModelSession
 from fedge.sampling import SamplingParams, sampling_probs
+from fedge.verifier_session import TargetVerifierSession
 
 GREEDY = SamplingParams()
 
@@ -37,7 +37,7 @@ def _noisy_copy(model, scale, seed=0):
 
 
 def _speculative(target, draft, prompt, n, params=GREEDY, k=None, seed=0):
-    verifier = VerifierSession(target, prompt, params, seed=seed)
+    verifier = TargetVerifierSession(target, prompt, params, seed=seed)
     drafter = DraftSession(draft, prompt, params, seed=seed)
     return speculative_generate(drafter, verifier, n, DraftLengthController(fixed_k=k))
 

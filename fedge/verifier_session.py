@@ -1,4 +1,7 @@
-"""The target's side of speculative decoding: one session per generation, verified in place."""
+"""The target's side of speculative decoding: one session per generation, verified in place.
+
+Shared by the cloud (each served session) and by in-process generation (a laptop holding both
+models), so the accept/rollback bookkeeping lives in one place."""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ import torch
 
 from fedge.kernels.verify import verify
 from fedge.kv_session import ModelSession
-from fedge.protocol.verifier_api import VerifyReply
 from fedge.sampling import SamplingParams
+from fedge.speculative import VerifyReply
 
 
-class VerifierSession:
+class TargetVerifierSession:
     """Holds the target's KV cache for one generation and verifies each round's draft.
 
     The cache is kept between rounds and rolled back to the accepted prefix on rejection, so a

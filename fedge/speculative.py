@@ -1,6 +1,6 @@
 """What the edge's speculative loop needs from a verifier, wherever the verifier runs.
 
-The in-process `fedge.cloud.verifier.VerifierSession` and the gRPC client both satisfy `Verifier`, so
+The in-process `fedge.verifier_session.TargetVerifierSession` and the gRPC client both satisfy `Verifier`, so
 the edge loop does not know (or import) which one it talks to. Only token ids and scalars cross.
 """
 
