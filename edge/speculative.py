@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedge.kv_session import ModelSession
+from fedge.cached_sequence import CachedSequence
 from fedge.sampling import SamplingParams, sampling_probs
 from fedge.speculative import Verifier
 
@@ -23,7 +23,7 @@ class DraftSession:
     """The draft's copy of the sequence; proposes k tokens and their q distributions."""
 
     def __init__(self, draft: torch.nn.Module, prompt_ids: list[int], params: SamplingParams, seed: int = 0):
-        self.session = ModelSession(draft, prompt_ids)
+        self.session = CachedSequence(draft, prompt_ids)
         self.params = params
         self.generator = torch.Generator().manual_seed(seed + 1)
 
@@ -183,7 +183,7 @@ def autoregressive_generate(model: torch.nn.Module, prompt_ids: list[int], max_n
                             stop_ids: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """The plain one-token-per-forward loop on the same session machinery: the reference output."""
     params = params or SamplingParams()
-    session = ModelSession(model, prompt_ids)
+    session = CachedSequence(model, prompt_ids)
     generator = torch.Generator().manual_seed(seed)
     out: list[int] = []
     while len(out) < max_new_tokens:

@@ -9,8 +9,8 @@ import time
 
 import torch
 
+from fedge.cached_sequence import CachedSequence
 from fedge.kernels.verify import verify
-from fedge.kv_session import ModelSession
 from fedge.sampling import SamplingParams
 from fedge.speculative import VerifyReply
 
@@ -24,7 +24,7 @@ class TargetVerifierSession:
 
     def __init__(self, target: torch.nn.Module, prompt_ids: list[int], params: SamplingParams,
                  seed: int = 0):
-        self.session = ModelSession(target, prompt_ids)
+        self.session = CachedSequence(target, prompt_ids)
         self.params = params
         self.generator = torch.Generator().manual_seed(seed)
         self.vocab_size = target.config.vocab_size

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedge.cached_sequence import CachedSequence
 from fedge.cloud.batching import Row, SessionKV, batched_forward
 from fedge.cloud.engine import Limits, Round, VerifierEngine, VerifierError
-from fedge.kv_session import ModelSession
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.protocol.codecs import dense_from_sparse, truncate_q, validate_sparse_q
 from fedge.sampling import SamplingParams
@@ -60,7 +60,7 @@ def test_batched_forward_over_ragged_caches_equals_one_session_at_a_time(tiny):
     vocab = model.config.vocab_size
     seqs = [[rng.randrange(vocab) for _ in range(rng.randint(1, 25))] for _ in range(6)]
     kvs = [SessionKV() for _ in seqs]
-    refs = [ModelSession(model, s) for s in seqs]
+    refs = [CachedSequence(model, s) for s in seqs]
     for _ in range(4):
         rows, extras = [], []
         for seq, kv in zip(seqs, kvs, strict=True):
@@ -101,7 +101,7 @@ def test_engine_batches_16_sessions_with_ragged_drafts_like_separate_verifiers(t
     ids = [engine.open_session(tokenizer_fingerprint(tok), model_fingerprint(model), "", SamplingParams(), p)[
         "session_id"] for p in prompts]
     refs = [TargetVerifierSession(model, p, SamplingParams()) for p in prompts]
-    drafters = [ModelSession(noisy, p) for p in prompts]
+    drafters = [CachedSequence(noisy, p) for p in prompts]
     for _ in range(6):
         rounds = []
         for i in range(16):

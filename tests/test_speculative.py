@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from fedge.cached_sequence import CachedSequence
 from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
 from fedge.edge.speculative import (
     DraftLengthController,
@@ -14,7 +15,6 @@ from fedge.edge.speculative import (
     speculative_generate,
 )
 from fedge.kernels.verify import verify_reference
-from fedge.kv_session import ModelSession
 from fedge.sampling import SamplingParams, sampling_probs
 from fedge.verifier_session import TargetVerifierSession
 
@@ -74,16 +74,16 @@ def test_target_calls_are_fewer_than_tokens_with_a_good_draft(tiny):
 def test_rollback_logits_equal_fresh_recompute(tiny):
     model, tok = tiny
     prompt = tok("def rollback(x):")["input_ids"]
-    session = ModelSession(model, prompt)
+    session = CachedSequence(model, prompt)
     session.logits([5, 6, 7, 8])  # a draft that enters the cache
     session.accept([5, 6])  # two kept, two rolled back
     session.accept([9])
     assert session.cached_len == len(prompt) + 2  # no re-prefill: the kept prefix stays cached
     rolled = session.logits([10, 11])
-    fresh = ModelSession(model, prompt + [5, 6, 9]).logits([10, 11])
+    fresh = CachedSequence(model, prompt + [5, 6, 9]).logits([10, 11])
     torch.testing.assert_close(rolled, fresh, rtol=1e-4, atol=1e-4)
     session.truncate(len(prompt) + 1)
-    torch.testing.assert_close(session.logits(), ModelSession(model, prompt + [5]).logits(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(session.logits(), CachedSequence(model, prompt + [5]).logits(), rtol=1e-4, atol=1e-4)
 
 
 def _total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:

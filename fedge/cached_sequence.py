@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 
-class ModelSession:
+class CachedSequence:
     def __init__(self, model: torch.nn.Module, prompt_ids: list[int]):
         if not prompt_ids:
             raise ValueError("a session needs at least one prompt token")
