@@ -1,0 +1,33 @@
+"""`fedge cloud serve`: the cloud coordinator (Ray Serve verifier behind a gRPC ingress)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedge.cli._lazy import run_lazily
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    cloud = subparsers.add_parser("cloud", help="the cloud coordinator").add_subparsers(dest="action", required=True)
+    _add_serve(cloud)
+
+
+def _add_serve(cloud: argparse._SubParsersAction) -> None:
+    from fedge.models import DEFAULT_MODEL
+
+    serve = cloud.add_parser("serve", help="Ray + Ray Serve verifier (batched) behind a gRPC ingress")
+    serve.add_argument("--model", default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    serve.add_argument("--replicas", type=int, default=1, help="verifier replicas; sessions stick to theirs")
+    serve.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = all cores)")
+    serve.add_argument("--max-sessions", type=int, default=64, help="per replica")
+    serve.add_argument("--max-draft-len", type=int, default=16)
+    serve.add_argument("--max-batch", type=int, default=32, help="rounds in one target forward")
+    serve.add_argument("--batch-wait-ms", type=float, default=30.0,
+                       help="at most this long a round waits for other active sessions' rounds to share a forward")
+    serve.add_argument("--idle-timeout-s", type=float, default=300.0)
+    serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
+    serve.set_defaults(func=run_lazily("fedge.cloud.serve"))
