@@ -1,6 +1,6 @@
 """Vectorised torch speculative verification: every session in one set of tensor ops, no Python loop.
 
-Same semantics as `fedge.kernels.verify.verify_reference` (see that module's docstring). Greedy results
+Same semantics as `fedge.kernels.verify_ref.verify_reference` (see that module's docstring). Greedy results
 are identical to the reference; sampling results have the same distribution but consume the random
 generator in a different order (all acceptance uniforms first, then one residual draw per session).
 Runs on any device; it is the CPU path of `fedge.kernels.verify.verify` and the CUDA fallback for
@@ -11,42 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fedge.kernels.verify import VerifyResult
+from fedge.kernels.verify_ref import VerifyResult, accepted_prefix, check_verify_inputs, rand_on
 from fedge.sampling import SamplingParams, sampling_probs
-
-
-def check_verify_inputs(
-    target_logits: torch.Tensor,
-    draft_ids: torch.Tensor,
-    draft_lens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-) -> None:
-    """Raise ValueError/TypeError with a clear message for malformed verification inputs."""
-    if target_logits.dim() != 3 or not target_logits.is_floating_point():
-        raise TypeError(f"target_logits must be a floating (B, K+1, V) tensor, got "
-                        f"{target_logits.dtype} {tuple(target_logits.shape)}")
-    batch, width, vocab = target_logits.shape
-    if draft_ids.dim() != 2 or draft_ids.is_floating_point() or draft_ids.dtype == torch.bool:
-        raise TypeError(f"draft_ids must be an integer (B, K) tensor, got {draft_ids.dtype} "
-                        f"{tuple(draft_ids.shape)}")
-    if draft_ids.shape[0] != batch or draft_ids.shape[1] + 1 != width:
-        raise ValueError(f"target_logits {tuple(target_logits.shape)} must be (B, K+1, V) for draft_ids "
-                         f"{tuple(draft_ids.shape)}")
-    if draft_lens.shape != (batch,) or draft_lens.is_floating_point():
-        raise ValueError(f"draft_lens must be an integer ({batch},) tensor, got {draft_lens.dtype} "
-                         f"{tuple(draft_lens.shape)}")
-    if batch and (int(draft_lens.min()) < 0 or int(draft_lens.max()) > draft_ids.shape[1]):
-        raise ValueError("draft_lens must lie in [0, K]")
-    if draft_probs is not None and draft_probs.shape != (batch, width - 1, vocab):
-        raise ValueError(f"draft_probs must be (B, K, V) = {(batch, width - 1, vocab)}, got "
-                         f"{tuple(draft_probs.shape)}")
-
-
-def accepted_prefix(ok: torch.Tensor, draft_lens: torch.Tensor) -> torch.Tensor:
-    """Length of the leading run of accepted positions per session, positions past the draft excluded."""
-    positions = torch.arange(ok.shape[1], device=ok.device)
-    ok = ok & (positions[None, :] < draft_lens[:, None])
-    return ok.long().cumprod(dim=1).sum(dim=1)
 
 
 def verify_torch(
@@ -80,7 +46,7 @@ def verify_torch(
         else:
             q_draft = torch.ones_like(p_draft)  # greedy draft: q is one-hot on the drafted token
         ratio = torch.where(q_draft > 0, p_draft / q_draft.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-        uniforms = _rand((batch, k), generator, device)
+        uniforms = rand_on((batch, k), generator, device)
         n_accepted = accepted_prefix(uniforms < ratio.clamp(max=1.0), draft_lens)
     else:
         n_accepted = torch.zeros(batch, dtype=torch.long, device=device)
@@ -103,15 +69,6 @@ def verify_torch(
     return VerifyResult(n_accepted=n_accepted, next_ids=next_ids)
 
 
-def _rand(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    # draw on the generator's own device (a CPU generator may drive CUDA logits), then move
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
 def _multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row, drawn proportional to the row's non-negative weights.
 
@@ -120,5 +77,5 @@ def _multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> to
     rounding does not move small tokens' boundaries; it is far cheaper on CPU than
     torch.multinomial or a Gumbel race over vocabulary-sized rows."""
     cdf = weights.double().cumsum(dim=-1)
-    u = _rand((weights.shape[0], 1), generator, weights.device, torch.float64) * cdf[:, -1:]
+    u = rand_on((weights.shape[0], 1), generator, weights.device, torch.float64) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=weights.shape[-1] - 1)

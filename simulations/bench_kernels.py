@@ -89,7 +89,7 @@ def _verify_cases(device: torch.device, quick: bool):
     on_gpu = device.type == "cuda"
     shapes = [(8, 4, 49152)] if quick or not on_gpu else [(8, 4, 49152), (64, 4, 49152), (32, 7, 152064)]
     if on_gpu:
-        from fedge.kernels.triton_verify import verify_triton
+        from fedge.kernels.verify_triton import verify_triton
     for batch, k, vocab in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn(batch, k + 1, vocab, device=device, generator=gen)
@@ -115,7 +115,7 @@ def _verify_cases(device: torch.device, quick: bool):
                 yield (name, f"B={batch} K={k} V={vocab}", baseline_name, baseline, fast_name, fast,
                        logit_bytes + extra_bytes, 0)
         if on_gpu:  # the streaming pass alone, without the host-side checks and the tiny scan
-            from fedge.kernels.triton_verify import _launch_shape, _row_stats_kernel
+            from fedge.kernels.verify_triton import _launch_shape, _row_stats_kernel
 
             rows = batch * (k + 1)
             per_program, tile, chunk, n_splits = _launch_shape(rows, vocab, 1024, device)
@@ -133,7 +133,7 @@ def _verify_cases(device: torch.device, quick: bool):
 
 
 def _quant_cases(device: torch.device, quick: bool):
-    from fedge.kernels.quant_matmul import (
+    from fedge.kernels.quant_matmul_ref import (
         int4_matmul_reference,
         int4_to_cpu_pack,
         int8_matmul_reference,
@@ -143,7 +143,7 @@ def _quant_cases(device: torch.device, quick: bool):
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from fedge.kernels.triton_quant import int4_matmul_triton, int8_matmul_triton
+        from fedge.kernels.quant_matmul_triton import int4_matmul_triton, int8_matmul_triton
         shapes = [(1, 1536, 576), (1, 4096, 4096), (1, 14336, 4096), (1, 28672, 8192), (16, 4096, 4096)]
     else:
         shapes = [(1, 1536, 576), (1, 4096, 4096), (16, 4096, 4096)]
@@ -182,7 +182,7 @@ def _lora_cases(device: torch.device, quick: bool):
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from fedge.kernels.triton_lora import lora_apply_triton
+        from fedge.kernels.lora_triton import lora_apply_triton
         shapes = [(64, 8, 16, 4096, 4096), (256, 32, 16, 4096, 4096)]
     else:
         shapes = [(64, 8, 16, 576, 576), (64, 8, 16, 576, 1536)]
@@ -211,7 +211,7 @@ def _aggregate_cases(device: torch.device, quick: bool):
 
     on_gpu = device.type == "cuda"
     if on_gpu:
-        from fedge.kernels.triton_aggregate import aggregate_updates_triton
+        from fedge.kernels.aggregate_triton import aggregate_updates_triton
         shapes = [(16, 4 * 2**20), (64, 4 * 2**20)]
     else:
         shapes = [(16, 2**20), (8, 4 * 2**20)]

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from fedge.kernels.aggregate import aggregate_updates, aggregate_updates_reference, update_norms  # noqa: E402
 
-triton_aggregate = importlib.import_module("fedge.kernels.triton_aggregate")
+triton_aggregate = importlib.import_module("fedge.kernels.aggregate_triton")
 
 
 def _updates(k: int = 5, n: int = 9001, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

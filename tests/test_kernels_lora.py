@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from fedge.kernels.lora import lora_apply, lora_apply_reference, lora_apply_segmented, stack_adapters  # noqa: E402
 
-triton_lora = importlib.import_module("fedge.kernels.triton_lora")
+triton_lora = importlib.import_module("fedge.kernels.lora_triton")
 
 
 def _case(tokens=19, d_in=96, d_out=80, rank=8, n_adapters=4, dtype=torch.float32, seed=0):

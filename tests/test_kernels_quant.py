@@ -17,13 +17,12 @@ else:
 
 pytest.importorskip("triton")
 
-from fedge.kernels.quant_matmul import (  # noqa: E402
+from fedge.kernels.quant_matmul import int4_matmul, int8_matmul  # noqa: E402
+from fedge.kernels.quant_matmul_ref import (  # noqa: E402
     dequantize_int4,
     dequantize_int8,
-    int4_matmul,
     int4_matmul_reference,
     int4_to_cpu_pack,
-    int8_matmul,
     int8_matmul_reference,
     pack_int4,
     quantize_int4,
@@ -31,7 +30,7 @@ from fedge.kernels.quant_matmul import (  # noqa: E402
     unpack_int4,
 )
 
-triton_quant = importlib.import_module("fedge.kernels.triton_quant")
+triton_quant = importlib.import_module("fedge.kernels.quant_matmul_triton")
 
 
 def _weight(n=40, k=192, seed=0):

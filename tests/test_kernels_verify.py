@@ -28,7 +28,7 @@ from fedge.kernels.verify import verify, verify_reference  # noqa: E402
 from fedge.kernels.verify_torch import verify_torch  # noqa: E402
 from fedge.sampling import SamplingParams, sampling_probs
 
-triton_verify = importlib.import_module("fedge.kernels.triton_verify")
+triton_verify = importlib.import_module("fedge.kernels.verify_triton")
 verify_triton = triton_verify.verify_triton
 
 # the interpreter evaluates log(0) = -inf with numpy, which warns; -inf is the intended value

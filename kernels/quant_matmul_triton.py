@@ -1,4 +1,4 @@
-"""Triton weight-only int8 / int4 matmul, dequantising tiles in registers (layouts: fedge.kernels.quant_matmul).
+"""Triton weight-only int8 / int4 matmul, dequantising tiles in registers (layouts: fedge.kernels.quant_matmul_ref).
 
 One kernel, two shapes of inner product: for decode (M <= 2 rows) a broadcast multiply and sum
 over K, a GEMV that streams the packed weight once; for larger M a `tl.dot` on the dequantised
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fedge.kernels.dispatch import interpreting
-from fedge.kernels.quant_matmul import check_int4, check_int8
+from fedge.kernels.quant_matmul_ref import check_int4, check_int8
 
 
 @triton.jit

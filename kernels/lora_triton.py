@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedge.kernels.lora import _scaling_vector, check_lora_inputs
+from fedge.kernels.lora_ref import check_lora_inputs, scaling_vector
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def lora_apply_triton(
     flat_x = x.reshape(-1, d_in).contiguous()
     tokens = flat_x.shape[0]
     ids = adapter_ids.reshape(-1).to(device=device, dtype=torch.int32).contiguous()
-    scale = _scaling_vector(scaling, n_adapters, device).contiguous()
+    scale = scaling_vector(scaling, n_adapters, device).contiguous()
     lora_a = lora_a.contiguous()
     lora_b = lora_b.contiguous()
     out_dtype = base.dtype if base is not None else x.dtype

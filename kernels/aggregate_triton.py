@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedge.kernels.aggregate import Updates, _as_rows, clip_coefficients
+from fedge.kernels.aggregate_ref import Updates, as_rows, clip_coefficients
 
 BLOCK = 1024
 CHUNK_BLOCKS = 8  # a program streams CHUNK_BLOCKS * BLOCK elements
@@ -66,7 +66,7 @@ def update_norms_triton(updates: Updates) -> torch.Tensor:
     if isinstance(updates, torch.Tensor):
         stacks = [updates if updates.stride(-1) == 1 else updates.contiguous()]
     else:
-        stacks = [row.contiguous()[None] for row in _as_rows(updates)]
+        stacks = [row.contiguous()[None] for row in as_rows(updates)]
     sums = []
     for stack in stacks:
         n_clients, n = stack.shape
@@ -86,7 +86,7 @@ def aggregate_updates_triton(
     norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See `fedge.kernels.aggregate.aggregate_updates` (which checks the arguments and dispatches here)."""
-    rows = _as_rows(updates)
+    rows = as_rows(updates)
     device = rows[0].device
     if norms is None:
         norms = update_norms_triton(updates)

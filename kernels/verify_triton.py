@@ -9,7 +9,7 @@ max(0, p - q) by the Gumbel-max trick, so it needs no normalisation and no secon
 Total traffic is about (K+2)/(K+1) of the logits plus one draft row per session.
 
 Temperature sampling is fused; top-k / top-p need a sort, so `fedge.kernels.verify.verify` sends them to
-the vectorised torch path instead. Semantics are those of `fedge.kernels.verify.verify_reference`.
+the vectorised torch path instead. Semantics are those of `fedge.kernels.verify_ref.verify_reference`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedge.kernels.verify import VerifyResult
-from fedge.kernels.verify_torch import _rand, accepted_prefix, check_verify_inputs
+from fedge.kernels.verify_ref import VerifyResult, accepted_prefix, check_verify_inputs, rand_on
 from fedge.sampling import SamplingParams
 
 INT32_MAX = 2**31 - 1
@@ -164,59 +163,107 @@ def verify_triton(
         raise ValueError("verify_triton fuses temperature only; use fedge.kernels.verify.verify for top-k/top-p")
     device = target_logits.device
     batch, width, vocab = target_logits.shape
-    k = width - 1
     logits = target_logits.reshape(batch * width, vocab)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     draft_ids = draft_ids.to(device=device, dtype=torch.long)
     draft_lens = draft_lens.to(device=device, dtype=torch.long)
-    sessions = torch.arange(batch, device=device)
-    n_rows = batch * width
     inv_temperature = 1.0 if params.greedy else 1.0 / params.temperature
+    row_max, row_aux = _row_stats(logits, inv_temperature, params.greedy, block, vocab_splits)
+    if params.greedy:
+        return _greedy_result(row_max, row_aux, draft_ids, draft_lens, width, vocab)
+    log_norm = _log_norm(row_max, row_aux).view(batch, width)
+    n_accepted, draft_token, q_at = _accept_sampled(target_logits, draft_ids, draft_lens, draft_probs, log_norm,
+                                                    inv_temperature, generator)
+    rejected = (n_accepted < draft_lens).to(torch.int32)
+    sessions = torch.arange(batch, device=device)
+    row_index = sessions * width + n_accepted
+    seed_device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=seed_device))
+    next_ids = _sample_residual(logits, row_index, log_norm.reshape(-1)[row_index].contiguous(), inv_temperature,
+                                draft_probs, q_at, draft_token, rejected, seed, block, vocab_splits)
+    return VerifyResult(n_accepted=n_accepted, next_ids=next_ids)
 
+
+def _row_stats(
+    logits: torch.Tensor, inv_temperature: float, greedy: bool, block: int, vocab_splits: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 over the (rows, V) logits: per row and vocabulary split, (max, argmax) when greedy,
+    else (max, sum of exp below it) of the tempered logits; each (rows, n_splits) float32."""
+    n_rows, vocab = logits.shape
+    device = logits.device
     rows_per_program, tile, chunk, n_splits = _launch_shape(n_rows, vocab, block, device, vocab_splits)
     row_max = torch.empty(n_rows, n_splits, device=device, dtype=torch.float32)
     row_aux = torch.empty(n_rows, n_splits, device=device, dtype=torch.float32)
     _row_stats_kernel[(triton.cdiv(n_rows, rows_per_program), n_splits)](
         logits, n_rows, logits.stride(0), vocab, inv_temperature, chunk, row_max, row_aux, n_splits,
-        GREEDY=params.greedy, ROWS=rows_per_program, BLOCK=tile,
+        GREEDY=greedy, ROWS=rows_per_program, BLOCK=tile,
     )
+    return row_max, row_aux
 
-    if params.greedy:
-        # combine splits: highest max, earliest index among equal maxima (indices stored as float32,
-        # exact below 2**24, far above any vocabulary)
-        overall = row_max.max(dim=1, keepdim=True).values
-        candidates = torch.where(row_max == overall, row_aux, float(INT32_MAX))
-        target_ids = candidates.min(dim=1).values.long().clamp(max=vocab - 1).view(batch, width)
-        n_accepted = accepted_prefix(target_ids[:, :k] == draft_ids, draft_lens)
-        return VerifyResult(n_accepted=n_accepted, next_ids=target_ids[sessions, n_accepted])
 
+def _greedy_result(
+    row_max: torch.Tensor, row_aux: torch.Tensor, draft_ids: torch.Tensor, draft_lens: torch.Tensor,
+    width: int, vocab: int,
+) -> VerifyResult:
+    """Combine the splits' argmaxes into the target's token per position and scan the drafts against them."""
+    # highest max, earliest index among equal maxima (indices stored as float32, exact below 2**24,
+    # far above any vocabulary)
+    overall = row_max.max(dim=1, keepdim=True).values
+    candidates = torch.where(row_max == overall, row_aux, float(INT32_MAX))
+    target_ids = candidates.min(dim=1).values.long().clamp(max=vocab - 1).view(-1, width)
+    n_accepted = accepted_prefix(target_ids[:, : width - 1] == draft_ids, draft_lens)
+    sessions = torch.arange(target_ids.shape[0], device=target_ids.device)
+    return VerifyResult(n_accepted=n_accepted, next_ids=target_ids[sessions, n_accepted])
+
+
+def _log_norm(row_max: torch.Tensor, row_aux: torch.Tensor) -> torch.Tensor:
+    """log sum exp of each row's tempered logits, from the splits' (max, sum of exp) pairs."""
     overall = row_max.max(dim=1, keepdim=True).values
     shift = torch.where(torch.isinf(overall), 0.0, overall)
-    log_norm = (shift.squeeze(1) + (row_aux * torch.exp(row_max - shift)).sum(1).log()).view(batch, width)
+    return shift.squeeze(1) + (row_aux * torch.exp(row_max - shift)).sum(1).log()
 
-    if k > 0:
-        draft_logits = target_logits[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1).float()
-        p_draft = torch.exp(draft_logits * inv_temperature - log_norm[:, :k])
-        if draft_probs is not None:
-            q_draft = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1).float()
-        else:
-            q_draft = torch.ones_like(p_draft)
-        ratio = torch.where(q_draft > 0, p_draft / q_draft.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-        uniforms = _rand((batch, k), generator, device)
-        n_accepted = accepted_prefix(uniforms < ratio.clamp(max=1.0), draft_lens)
-        at = n_accepted.clamp(max=k - 1)
-        draft_token = draft_ids[sessions, at]
-    else:
+
+def _accept_sampled(
+    target_logits: torch.Tensor, draft_ids: torch.Tensor, draft_lens: torch.Tensor,
+    draft_probs: torch.Tensor | None, log_norm: torch.Tensor, inv_temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept draft token x with probability min(1, p(x) / q(x)), reading only the drafted logits.
+
+    Returns (accepted per session, the drafted token at the first rejection, that position clamped
+    into the draft)."""
+    batch, width, _ = target_logits.shape
+    k = width - 1
+    device = target_logits.device
+    if k == 0:
         n_accepted = torch.zeros(batch, dtype=torch.long, device=device)
-        at = n_accepted
-        draft_token = torch.zeros(batch, dtype=torch.long, device=device)
-    rejected = (n_accepted < draft_lens).to(torch.int32)
-    row_index = sessions * width + n_accepted
-    seed_device = generator.device if generator is not None else torch.device("cpu")
-    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=seed_device))
-
+        return n_accepted, torch.zeros(batch, dtype=torch.long, device=device), n_accepted
+    draft_logits = target_logits[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1).float()
+    p_draft = torch.exp(draft_logits * inv_temperature - log_norm[:, :k])
     if draft_probs is not None:
+        q_draft = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1).float()
+    else:
+        q_draft = torch.ones_like(p_draft)
+    ratio = torch.where(q_draft > 0, p_draft / q_draft.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    uniforms = rand_on((batch, k), generator, device)
+    n_accepted = accepted_prefix(uniforms < ratio.clamp(max=1.0), draft_lens)
+    at = n_accepted.clamp(max=k - 1)
+    return n_accepted, draft_ids[torch.arange(batch, device=device), at], at
+
+
+def _sample_residual(
+    logits: torch.Tensor, row_index: torch.Tensor, log_norm: torch.Tensor, inv_temperature: float,
+    draft_probs: torch.Tensor | None, at: torch.Tensor, draft_token: torch.Tensor, rejected: torch.Tensor,
+    seed: int, block: int, vocab_splits: int | None,
+) -> torch.Tensor:
+    """Pass 2: one token per session from norm(max(0, p - q)) at its rejected position (or from p at
+    the bonus position, or where the residual is all zero), by Gumbel-max over the vocabulary splits."""
+    batch, vocab = row_index.shape[0], logits.shape[1]
+    device = logits.device
+    sessions = torch.arange(batch, device=device)
+    if draft_probs is not None:
+        k = draft_probs.shape[1]
         q = draft_probs.reshape(batch * k, vocab)
         if q.stride(-1) != 1:
             q = q.contiguous()
@@ -229,7 +276,7 @@ def verify_triton(
     fallback_keys = torch.empty_like(keys)
     fallback_idx = torch.empty_like(idx)
     _residual_sample_kernel[(triton.cdiv(batch, rows_per_program), n_splits)](
-        logits, batch, logits.stride(0), row_index, log_norm.reshape(-1)[row_index].contiguous(), inv_temperature,
+        logits, batch, logits.stride(0), row_index, log_norm, inv_temperature,
         vocab, chunk, q, q_row_stride, q_row_index, draft_token, rejected, seed,
         keys, idx, fallback_keys, fallback_idx, n_splits,
         HAS_Q=draft_probs is not None, ROWS=rows_per_program, BLOCK=tile,
@@ -237,6 +284,5 @@ def verify_triton(
     best = keys.argmax(dim=1, keepdim=True)
     fallback_best = fallback_keys.argmax(dim=1, keepdim=True)
     use_fallback = torch.isinf(keys.gather(1, best)).squeeze(1)  # residual was all zero
-    next_ids = torch.where(use_fallback, fallback_idx.gather(1, fallback_best).squeeze(1),
-                           idx.gather(1, best).squeeze(1)).long()
-    return VerifyResult(n_accepted=n_accepted, next_ids=next_ids)
+    return torch.where(use_fallback, fallback_idx.gather(1, fallback_best).squeeze(1),
+                       idx.gather(1, best).squeeze(1)).long()
