@@ -1,7 +1,8 @@
 """One target forward for many sessions whose KV caches have different lengths.
 
-Each session keeps its own keys/values (`SessionKV`, one growable buffer per layer) between
-rounds; rolling back a rejected draft is just lowering its length. For a batched round the
+Each served session keeps its own keys/values (`KVBuffer`, one growable buffer per layer) between
+rounds, inside a `BatchedTargetSequence` (the cloud's `fedge.verifier_session.TargetSequence`);
+rolling back a rejected draft is just lowering the buffer's length. For a batched round the
 caches are copied into one left-padded `DynamicCache` and every session's new tokens (what its
 cache lacks plus its draft, ragged) are left-padded to the widest row:
 
@@ -23,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-class SessionKV:
+class KVBuffer:
     """Keys/values of one sequence for every layer: (heads, capacity, head_dim) buffers + a length."""
 
     def __init__(self) -> None:
@@ -88,9 +89,42 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
 
+class BatchedTargetSequence:
+    """The target's tokens and KV buffer for one served session, fed by `batched_forward`.
+
+    `row` says what the next forward must run for this session (what its cache lacks plus the
+    draft); `accept` keeps the keys/values of the accepted draft prefix and drops the rest."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.tokens: list[int] = list(prompt_ids)
+        self.kv = KVBuffer()
+        self._draft: list[int] = []  # the draft fed by the last row, after `tokens`
+
+    def prefill_row(self) -> Row:
+        """All but the last prompt token, so the first round only feeds 1 + k positions."""
+        return Row(self.kv, self.tokens[:-1], 1)
+
+    def row(self, draft_ids: list[int]) -> Row:
+        pending = self.tokens[self.kv.length:]
+        if not pending:  # the last token must be fed to get its logits
+            self.kv.truncate(self.kv.length - 1)
+            pending = self.tokens[-1:]
+        self._draft = list(draft_ids)
+        return Row(self.kv, pending + self._draft, len(self._draft) + 1)
+
+    def accept(self, new_tokens: list[int]) -> None:
+        kept = 0
+        while kept < min(len(new_tokens), len(self._draft)) and new_tokens[kept] == self._draft[kept]:
+            kept += 1
+        # keys/values of the accepted draft tokens stay; the rejected tail is rolled back
+        self.kv.truncate(min(self.kv.length, len(self.tokens) + kept))
+        self.tokens.extend(new_tokens)
+        self._draft = []
+
+
 @dataclass
 class Row:
-    kv: SessionKV
+    kv: KVBuffer
     feed: list[int]  # tokens to run, starting at position kv.length
     keep: int  # how many trailing positions' logits to return
 
@@ -102,14 +136,33 @@ def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tenso
         return []
     if any(not r.feed or not 1 <= r.keep <= len(r.feed) for r in rows):
         raise ValueError("every row needs a non-empty feed and 1 <= keep <= len(feed)")
-    batch = len(rows)
     cache_len = max(r.kv.length for r in rows)
     width = max(len(r.feed) for r in rows)
     total = cache_len + width
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float32
+    ids, positions, mask = _inputs(rows, cache_len, width, dtype)
+    cache = Cache(layers=[_padded_layer(model, rows, layer, cache_len, total, dtype)
+                          for layer in range(model.config.num_hidden_layers)])
+    keep = max(r.keep for r in rows)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=keep)
+    logits = out.logits.float()  # (B, keep, V), right-aligned like the feed
+    results = []
+    for b, r in enumerate(rows):
+        n = len(r.feed)
+        r.kv.append([layer.keys[b, :, total - n:] for layer in cache.layers],
+                    [layer.values[b, :, total - n:] for layer in cache.layers])
+        results.append(logits[b, keep - r.keep:])
+    return results
 
+
+def _inputs(rows: list[Row], cache_len: int, width: int, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, position ids continuing each row's cache, and the 4D additive mask."""
+    batch, total = len(rows), cache_len + width
     ids = torch.zeros(batch, width, dtype=torch.long)
     positions = torch.zeros(batch, width, dtype=torch.long)
     valid = torch.zeros(batch, total, dtype=torch.bool)  # which key positions hold real tokens
@@ -127,42 +180,30 @@ def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tenso
     allowed |= cols[None, None, :] == q_cols[None, :, None]
     mask = torch.zeros(batch, 1, width, total, dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return ids, positions, mask
 
-    # one buffer per layer holding the padded caches and room for the new positions, so neither
-    # the assembly nor the forward's cache update re-allocates (DynamicCache would torch.cat)
+
+def _padded_layer(model: torch.nn.Module, rows: list[Row], layer: int, cache_len: int, total: int,
+                  dtype: torch.dtype) -> _BufferLayer:
+    """One layer's buffer holding the left-padded caches and room for the new positions, so neither
+    the assembly nor the forward's cache update re-allocates (DynamicCache would torch.cat)."""
     template = next((r.kv for r in rows if r.kv.length > 0), None)
-    layers = []
-    for layer in range(model.config.num_hidden_layers):
-        if template is None:
-            heads = model.config.num_key_value_heads
-            cfg = model.config
-            dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kv_dtype = dtype
-        else:
-            heads, _, dim = template.keys[layer].shape
-            kv_dtype = template.keys[layer].dtype
-        k = torch.empty(batch, heads, total, dim, dtype=kv_dtype)
-        v = torch.empty_like(k)
-        for b, r in enumerate(rows):
-            pad = cache_len - r.kv.length
-            if pad:  # masked, but must stay finite: a masked score still multiplies its value
-                k[b, :, :pad] = 0
-                v[b, :, :pad] = 0
-            if r.kv.length:
-                k[b, :, pad:cache_len] = r.kv.keys[layer][:, :r.kv.length]
-                v[b, :, pad:cache_len] = r.kv.values[layer][:, :r.kv.length]
-        layers.append(_BufferLayer(k, v, cache_len))
-    cache = Cache(layers=layers)
-
-    keep = max(r.keep for r in rows)
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=keep)
-    logits = out.logits.float()  # (B, keep, V), right-aligned like the feed
-    results = []
+    if template is None:
+        cfg = model.config
+        heads = cfg.num_key_value_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_dtype = dtype
+    else:
+        heads, _, dim = template.keys[layer].shape
+        kv_dtype = template.keys[layer].dtype
+    k = torch.empty(len(rows), heads, total, dim, dtype=kv_dtype)
+    v = torch.empty_like(k)
     for b, r in enumerate(rows):
-        n = len(r.feed)
-        r.kv.append([layer.keys[b, :, total - n:] for layer in cache.layers],
-                    [layer.values[b, :, total - n:] for layer in cache.layers])
-        results.append(logits[b, keep - r.keep:])
-    return results
+        pad = cache_len - r.kv.length
+        if pad:  # masked, but must stay finite: a masked score still multiplies its value
+            k[b, :, :pad] = 0
+            v[b, :, :pad] = 0
+        if r.kv.length:
+            k[b, :, pad:cache_len] = r.kv.keys[layer][:, :r.kv.length]
+            v[b, :, pad:cache_len] = r.kv.values[layer][:, :r.kv.length]
+    return _BufferLayer(k, v, cache_len)

@@ -2,10 +2,13 @@
 
 A `VerifierEngine` owns the target model and every session on one replica. `verify_many` takes
 the rounds that arrived together (one per session, ragged draft lengths, greedy and sampled mixed)
-and runs them as one target forward (`fedge.cloud.batching`). Cloud-only generation is the same round
-with an empty draft, so both modes share the batching and the cost accounting.
+and runs them as one target forward (`fedge.cloud.batching`); each session then judges its slice
+and advances as in-process generation does (`fedge.verifier_session.TargetVerifierSession`).
+Cloud-only generation is the same round with an empty draft, so both modes share the batching and
+the cost accounting.
 
-Errors carry a gRPC status code name so the ingress can map them without guessing.
+What leaves the engine is typed: `OpenedSession`, `RoundReply`, `ReplicaInfo`, and for a refused
+request a `Refusal` whose code is a gRPC status name, so the ingress maps it without guessing.
 """
 
 from __future__ import annotations
@@ -14,27 +17,80 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
-from fedge.cloud.batching import Row, SessionKV, batched_forward
+from fedge.cloud.batching import BatchedTargetSequence, batched_forward
 from fedge.cloud.multi_lora import AdapterBank
 from fedge.kernels.verify import verify
 from fedge.protocol.codecs import validate_sparse_q
 from fedge.sampling import SamplingParams
+from fedge.verifier_session import TargetVerifierSession
+
+
+class RefusalCode(StrEnum):
+    """Why a request was refused; each is the name of the gRPC status the client gets."""
+
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    ABORTED = "ABORTED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused request, as a value (crosses the Ray boundary in place of a reply)."""
+
+    code: RefusalCode
+    message: str
 
 
 class VerifierError(Exception):
-    """A refused request: `code` is a grpc.StatusCode name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+    """A refused request inside the engine; `refusal()` is what crosses to the ingress."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: RefusalCode | str, message: str):
         super().__init__(message)
-        self.code = code
+        self.code = RefusalCode(code)
         self.message = message
 
-    def as_dict(self) -> dict:
-        return {"error": self.code, "message": self.message}
+    def refusal(self) -> Refusal:
+        return Refusal(self.code, self.message)
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    position: int
+    max_draft_len: int
+    max_q_support: int
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class RoundReply:
+    n_accepted: int
+    next_id: int
+    verify_s: float
+    batch_size: int
+    position: int
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    sessions: int
+    vocab_size: int
+    forwards: int
+    forward_s: float
+    tokens_generated: int
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    mean_batch: float
+    process_cpu_s: float = 0.0  # filled in by the replica process
 
 
 @dataclass
@@ -48,18 +104,26 @@ class Limits:
 
 
 @dataclass
-class CloudSession:
+class SessionEntry:
+    """A replica's record of one served session: its verifier plus the serving bookkeeping."""
+
     id: str
-    tokens: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    kv: SessionKV = field(default_factory=SessionKV)
+    verifier: TargetVerifierSession
+    sequence: BatchedTargetSequence
+    adapter_row: int = -1  # this session's adapter in the replica's AdapterBank (-1: the plain target)
     last_used: float = field(default_factory=time.monotonic)
     # the last round, so a retried request (reply lost on the way) gets the same answer
     last_position: int = -1
     last_draft: tuple[int, ...] = ()
-    last_reply: dict | None = None
-    adapter_row: int = -1  # this session's adapter in the replica's AdapterBank (-1: the plain target)
+    last_reply: RoundReply | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.verifier.params.greedy
 
 
 @dataclass
@@ -68,6 +132,17 @@ class Round:
     position: int
     draft_ids: list[int]
     draft_q: list[tuple[list[int], list[float]]] = field(default_factory=list)  # empty when greedy
+
+
+@dataclass
+class _Work:
+    """A validated round and where its reply goes."""
+
+    index: int
+    entry: SessionEntry
+    q: torch.Tensor | None
+    draft_ids: list[int]
+    position: int
 
 
 class VerifierEngine:
@@ -88,7 +163,7 @@ class VerifierEngine:
         self.vocab_size = int(model.config.vocab_size)
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or self.limits.max_session_tokens)
         self.max_tokens = min(self.limits.max_session_tokens, max_pos)
-        self.sessions: dict[str, CloudSession] = {}
+        self.sessions: dict[str, SessionEntry] = {}
         self._lock = threading.Lock()  # the session table; rounds of one session never overlap
         self._forward_lock = threading.Lock()  # one target forward at a time (cores are shared)
         self.forwards = 0
@@ -98,7 +173,28 @@ class VerifierEngine:
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
-                     params: SamplingParams, prompt_ids: list[int], seed: int = 0) -> dict:
+                     params: SamplingParams, prompt_ids: list[int], seed: int = 0) -> OpenedSession:
+        self._check_open(tokenizer_fingerprint, model_fingerprint, adapter_version, prompt_ids)
+        with self._lock:
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise VerifierError("RESOURCE_EXHAUSTED", f"this replica holds its limit of "
+                                                          f"{self.limits.max_sessions} sessions; retry later")
+            sid = f"s{self.shard}-{uuid.uuid4().hex}"
+            sequence = BatchedTargetSequence(prompt_ids)
+            entry = SessionEntry(sid, TargetVerifierSession.over(sequence, params, seed, self.vocab_size), sequence,
+                                 adapter_row=self.adapters.index.get(adapter_version, -1))
+            self.sessions[sid] = entry
+        start = time.perf_counter()
+        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions
+        if len(prompt_ids) > 1:
+            with self._forward_lock, self.adapters.rows([entry.adapter_row]):
+                batched_forward(self.model, [sequence.prefill_row()])
+                self.forwards += 1
+        return OpenedSession(session_id=sid, position=len(entry.tokens), max_draft_len=self.limits.max_draft_len,
+                             max_q_support=self.limits.max_q_support, prefill_s=time.perf_counter() - start)
+
+    def _check_open(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
+                    prompt_ids: list[int]) -> None:
         if tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise VerifierError("FAILED_PRECONDITION",
                                 f"tokenizer fingerprint {tokenizer_fingerprint!r} does not match the cloud's "
@@ -116,22 +212,6 @@ class VerifierEngine:
         if len(prompt_ids) + 1 > self.max_tokens:
             raise VerifierError("OUT_OF_RANGE", f"prompt of {len(prompt_ids)} tokens exceeds the session limit "
                                                 f"of {self.max_tokens} tokens")
-        with self._lock:
-            if len(self.sessions) >= self.limits.max_sessions:
-                raise VerifierError("RESOURCE_EXHAUSTED", f"this replica holds its limit of "
-                                                          f"{self.limits.max_sessions} sessions; retry later")
-            sid = f"s{self.shard}-{uuid.uuid4().hex}"
-            session = CloudSession(sid, list(prompt_ids), params, torch.Generator().manual_seed(seed))
-            session.adapter_row = self.adapters.index.get(adapter_version, -1)
-            self.sessions[sid] = session
-        start = time.perf_counter()
-        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions
-        if len(prompt_ids) > 1:
-            with self._forward_lock, self.adapters.rows([session.adapter_row]):
-                batched_forward(self.model, [Row(session.kv, list(prompt_ids[:-1]), 1)])
-                self.forwards += 1
-        return {"session_id": sid, "position": len(session.tokens), "max_draft_len": self.limits.max_draft_len,
-                "max_q_support": self.limits.max_q_support, "prefill_s": time.perf_counter() - start}
 
     def close_session(self, session_id: str) -> bool:
         with self._lock:
@@ -153,11 +233,11 @@ class VerifierEngine:
                                                     f"[0, {self.vocab_size})")
 
     # ---- rounds -----------------------------------------------------------------------------
-    def _prepare(self, rnd: Round) -> tuple[CloudSession, torch.Tensor | None] | dict:
+    def _prepare(self, rnd: Round) -> tuple[SessionEntry, torch.Tensor | None] | RoundReply:
         """Validate one round; returns (session, dense q) or a finished reply (a retried round)."""
         with self._lock:
-            session = self.sessions.get(rnd.session_id)
-        if session is None:
+            entry = self.sessions.get(rnd.session_id)
+        if entry is None:
             raise VerifierError("NOT_FOUND", f"unknown session {rnd.session_id!r} (closed, expired or the cloud "
                                              "restarted): open a new session with the verified prefix")
         k = len(rnd.draft_ids)
@@ -165,111 +245,101 @@ class VerifierEngine:
             raise VerifierError("INVALID_ARGUMENT", f"draft of {k} tokens exceeds max_draft_len "
                                                     f"{self.limits.max_draft_len}")
         self._check_ids(rnd.draft_ids, "draft_ids")
-        if (rnd.position == session.last_position and tuple(rnd.draft_ids) == session.last_draft
-                and session.last_reply is not None):
-            return session.last_reply  # the edge retried a round whose reply it never received
-        if rnd.position != len(session.tokens):
+        if (rnd.position == entry.last_position and tuple(rnd.draft_ids) == entry.last_draft
+                and entry.last_reply is not None):
+            return entry.last_reply  # the edge retried a round whose reply it never received
+        if rnd.position != len(entry.tokens):
             raise VerifierError("ABORTED", f"edge is at position {rnd.position}, the cloud session at "
-                                           f"{len(session.tokens)}: reopen the session with the verified prefix")
-        if len(session.tokens) + k + 1 > self.max_tokens:
+                                           f"{len(entry.tokens)}: reopen the session with the verified prefix")
+        if len(entry.tokens) + k + 1 > self.max_tokens:
             raise VerifierError("OUT_OF_RANGE", f"session would exceed {self.max_tokens} tokens")
-        q = None
-        if session.params.greedy:
+        return entry, self._dense_q(entry, rnd)
+
+    def _dense_q(self, entry: SessionEntry, rnd: Round) -> torch.Tensor | None:
+        k = len(rnd.draft_ids)
+        if entry.greedy:
             if rnd.draft_q:
                 raise VerifierError("INVALID_ARGUMENT", "draft_q given for a greedy session")
-        else:
-            if len(rnd.draft_q) != k:
-                raise VerifierError("INVALID_ARGUMENT", f"sampling sessions need draft_q for each of the {k} "
-                                                        "draft tokens")
-            try:
-                q = validate_sparse_q(rnd.draft_q, rnd.draft_ids, self.vocab_size, self.limits.max_q_support)
-            except ValueError as exc:
-                raise VerifierError("INVALID_ARGUMENT", str(exc)) from None
-        return session, q
+            return None
+        if len(rnd.draft_q) != k:
+            raise VerifierError("INVALID_ARGUMENT", f"sampling sessions need draft_q for each of the {k} "
+                                                    "draft tokens")
+        try:
+            return validate_sparse_q(rnd.draft_q, rnd.draft_ids, self.vocab_size, self.limits.max_q_support)
+        except ValueError as exc:
+            raise VerifierError("INVALID_ARGUMENT", str(exc)) from None
 
-    def verify_many(self, rounds: list[Round]) -> list[dict]:
-        """Verify every round in one target forward. Returns, per round, a reply dict or an error
-        dict ({"error": CODE, "message": ...}); one bad round never fails the others."""
+    def verify_many(self, rounds: list[Round]) -> list[RoundReply | Refusal]:
+        """Verify every round in one target forward. Returns, per round, a reply or a refusal;
+        one bad round never fails the others."""
         start = time.perf_counter()
-        replies: list[dict | None] = [None] * len(rounds)
-        work: list[tuple[int, CloudSession, torch.Tensor | None, Round]] = []
+        replies: list[RoundReply | Refusal | None] = [None] * len(rounds)
+        work: list[_Work] = []
         seen: set[str] = set()
         for i, rnd in enumerate(rounds):
             try:
                 prepared = self._prepare(rnd)
-                if isinstance(prepared, dict):
+                if isinstance(prepared, RoundReply):
                     replies[i] = prepared
                     continue
-                session, q = prepared
-                if session.id in seen:
+                entry, q = prepared
+                if entry.id in seen:
                     raise VerifierError("ABORTED", "two rounds of one session in flight at once")
-                seen.add(session.id)
-                work.append((i, session, q, rnd))
+                seen.add(entry.id)
+                work.append(_Work(i, entry, q, list(rnd.draft_ids), rnd.position))
             except VerifierError as exc:
-                replies[i] = exc.as_dict()
+                replies[i] = exc.refusal()
         for chunk_start in range(0, len(work), self.limits.max_batch):
             self._run(work[chunk_start:chunk_start + self.limits.max_batch], replies, start)
         return replies  # type: ignore[return-value]
 
-    def _run(self, work, replies: list, start: float) -> None:
-        rows = []
-        for _, session, _, rnd in work:
-            pending = session.tokens[session.kv.length:]
-            if not pending:  # the last token must be fed to get its logits
-                session.kv.truncate(session.kv.length - 1)
-                pending = session.tokens[-1:]
-            rows.append(Row(session.kv, pending + list(rnd.draft_ids), len(rnd.draft_ids) + 1))
-        with self._forward_lock, self.adapters.rows([session.adapter_row for _, session, _, _ in work]):
+    def _run(self, work: list[_Work], replies: list, start: float) -> None:
+        rows = [w.entry.sequence.row(w.draft_ids) for w in work]
+        with self._forward_lock, self.adapters.rows([w.entry.adapter_row for w in work]):
             t0 = time.perf_counter()
             logits = batched_forward(self.model, rows)
             self.forward_s += time.perf_counter() - t0
             self.forwards += 1
         self.batch_sizes.append(len(rows))
-        greedy = [j for j, (_, s, _, _) in enumerate(work) if s.params.greedy]
-        results: dict[int, tuple[int, int]] = {}
-        if greedy:
-            # one batched verify call for all greedy rounds (ragged lengths padded to the longest)
-            k_max = max(len(work[j][3].draft_ids) for j in greedy)
-            vocab = logits[0].shape[-1]
-            target = torch.zeros(len(greedy), k_max + 1, vocab)
-            ids = torch.zeros(len(greedy), k_max, dtype=torch.long)
-            lens = torch.zeros(len(greedy), dtype=torch.long)
-            for r, j in enumerate(greedy):
-                k = len(work[j][3].draft_ids)
-                target[r, :k + 1] = logits[j]
-                ids[r, :k] = torch.tensor(work[j][3].draft_ids, dtype=torch.long)
-                lens[r] = k
-            out = verify(target, ids, lens, SamplingParams())
-            for r, j in enumerate(greedy):
-                results[j] = (int(out.n_accepted[r]), int(out.next_ids[r]))
-        for j, (_, session, q, rnd) in enumerate(work):
-            if j in results:
-                continue
-            # sampled sessions: per-session generator, so a session's randomness is its seed alone
-            k = len(rnd.draft_ids)
-            out = verify(logits[j].unsqueeze(0), torch.tensor([rnd.draft_ids], dtype=torch.long).reshape(1, k),
-                         torch.tensor([k]), session.params, None if q is None else q.unsqueeze(0),
-                         session.generator)
-            results[j] = (int(out.n_accepted[0]), int(out.next_ids[0]))
+        results = self._judge_greedy(work, logits)
+        for j, w in enumerate(work):
+            if j not in results:  # sampled: each session judges with its own generator
+                results[j] = w.entry.verifier.judge(logits[j], w.draft_ids, w.q)
         elapsed = time.perf_counter() - start
         now = time.monotonic()
-        for j, (i, session, _, rnd) in enumerate(work):
+        for j, w in enumerate(work):
             n, next_id = results[j]
-            before = len(session.tokens)
-            # keys/values of accepted draft tokens stay; the rejected tail is rolled back
-            session.kv.truncate(before + n)
-            session.tokens.extend(list(rnd.draft_ids[:n]) + [next_id])
-            reply = {"n_accepted": n, "next_id": next_id, "verify_s": elapsed, "batch_size": len(work),
-                     "position": len(session.tokens)}
-            session.last_position, session.last_draft, session.last_reply = rnd.position, tuple(rnd.draft_ids), reply
-            session.last_used = now
+            w.entry.verifier.advance(w.draft_ids, n, next_id)
+            reply = RoundReply(n_accepted=n, next_id=next_id, verify_s=elapsed, batch_size=len(work),
+                               position=len(w.entry.tokens))
+            w.entry.last_position, w.entry.last_draft, w.entry.last_reply = w.position, tuple(w.draft_ids), reply
+            w.entry.last_used = now
             self.tokens_generated += n + 1
-            replies[i] = reply
+            replies[w.index] = reply
 
-    def info(self) -> dict:
+    @staticmethod
+    def _judge_greedy(work: list[_Work], logits: list[torch.Tensor]) -> dict[int, tuple[int, int]]:
+        """One batched verify call for all greedy rounds (ragged lengths padded to the longest)."""
+        greedy = [j for j, w in enumerate(work) if w.entry.greedy]
+        if not greedy:
+            return {}
+        k_max = max(len(work[j].draft_ids) for j in greedy)
+        vocab = logits[0].shape[-1]
+        target = torch.zeros(len(greedy), k_max + 1, vocab)
+        ids = torch.zeros(len(greedy), k_max, dtype=torch.long)
+        lens = torch.zeros(len(greedy), dtype=torch.long)
+        for r, j in enumerate(greedy):
+            k = len(work[j].draft_ids)
+            target[r, :k + 1] = logits[j]
+            ids[r, :k] = torch.tensor(work[j].draft_ids, dtype=torch.long)
+            lens[r] = k
+        out = verify(target, ids, lens, SamplingParams())
+        return {j: (int(out.n_accepted[r]), int(out.next_ids[r])) for r, j in enumerate(greedy)}
+
+    def info(self) -> ReplicaInfo:
         with self._lock:
             n = len(self.sessions)
-        return {"sessions": n, "vocab_size": self.vocab_size, "forwards": self.forwards, "forward_s": self.forward_s,
-                "tokens_generated": self.tokens_generated, "model_fingerprint": self.model_fingerprint,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint,
-                "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0}
+        return ReplicaInfo(sessions=n, vocab_size=self.vocab_size, forwards=self.forwards, forward_s=self.forward_s,
+                           tokens_generated=self.tokens_generated, model_fingerprint=self.model_fingerprint,
+                           tokenizer_fingerprint=self.tokenizer_fingerprint,
+                           mean_batch=sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0)

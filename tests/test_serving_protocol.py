@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedge.cached_sequence import CachedSequence
-from fedge.cloud.batching import Row, SessionKV, batched_forward
-from fedge.cloud.engine import Limits, Round, VerifierEngine, VerifierError
+from fedge.cloud.batching import KVBuffer, Row, batched_forward
+from fedge.cloud.engine import Limits, Refusal, Round, RoundReply, VerifierEngine, VerifierError
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.protocol.codecs import dense_from_sparse, truncate_q, validate_sparse_q
 from fedge.sampling import SamplingParams
@@ -59,7 +59,7 @@ def test_batched_forward_over_ragged_caches_equals_one_session_at_a_time(tiny):
     rng = random.Random(0)
     vocab = model.config.vocab_size
     seqs = [[rng.randrange(vocab) for _ in range(rng.randint(1, 25))] for _ in range(6)]
-    kvs = [SessionKV() for _ in seqs]
+    kvs = [KVBuffer() for _ in seqs]
     refs = [CachedSequence(model, s) for s in seqs]
     for _ in range(4):
         rows, extras = [], []
@@ -98,8 +98,8 @@ def test_engine_batches_16_sessions_with_ragged_drafts_like_separate_verifiers(t
         for p in noisy.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(2, 20))] for _ in range(16)]
-    ids = [engine.open_session(tokenizer_fingerprint(tok), model_fingerprint(model), "", SamplingParams(), p)[
-        "session_id"] for p in prompts]
+    ids = [engine.open_session(tokenizer_fingerprint(tok), model_fingerprint(model), "", SamplingParams(), p).session_id
+           for p in prompts]
     refs = [TargetVerifierSession(model, p, SamplingParams()) for p in prompts]
     drafters = [CachedSequence(noisy, p) for p in prompts]
     for _ in range(6):
@@ -114,8 +114,8 @@ def test_engine_batches_16_sessions_with_ragged_drafts_like_separate_verifiers(t
         assert engine.batch_sizes[-1] == 16
         for i, (rnd, reply) in enumerate(zip(rounds, replies, strict=True)):
             want = refs[i].verify(rnd.draft_ids)
-            assert (reply["n_accepted"], reply["next_id"]) == (want.n_accepted, want.next_id)
-            drafters[i].accept(rnd.draft_ids[:reply["n_accepted"]] + [reply["next_id"]])
+            assert (reply.n_accepted, reply.next_id) == (want.n_accepted, want.next_id)
+            drafters[i].accept(rnd.draft_ids[:reply.n_accepted] + [reply.next_id])
     assert [engine.sessions[s].tokens for s in ids] == [r.tokens for r in refs]
 
 
@@ -123,8 +123,8 @@ def test_engine_refuses_bad_rounds_with_codes_and_keeps_the_good_ones(tiny):
     model, tok = tiny
     engine = _engine(tiny, max_sessions=3, max_draft_len=4, idle_timeout_s=60)
     fp, mfp = tokenizer_fingerprint(tok), model_fingerprint(model)
-    good = engine.open_session(fp, mfp, "", SamplingParams(), [1, 2, 3])["session_id"]
-    sampled = engine.open_session(fp, mfp, "", SamplingParams(temperature=1.0), [1, 2, 3])["session_id"]
+    good = engine.open_session(fp, mfp, "", SamplingParams(), [1, 2, 3]).session_id
+    sampled = engine.open_session(fp, mfp, "", SamplingParams(temperature=1.0), [1, 2, 3]).session_id
 
     def code(fn) -> str:
         with pytest.raises(VerifierError) as info:
@@ -147,11 +147,12 @@ def test_engine_refuses_bad_rounds_with_codes_and_keeps_the_good_ones(tiny):
         Round(good, 3, [4, 5]),  # fine
     ]
     replies = engine.verify_many(rounds)
-    codes = [r.get("error") for r in replies]
+    codes = [r.code if isinstance(r, Refusal) else None for r in replies]
     assert codes == ["NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
                      "ABORTED", None]
-    assert replies[-1]["position"] == 3 + replies[-1]["n_accepted"] + 1
+    assert isinstance(replies[-1], RoundReply)
+    assert replies[-1].position == 3 + replies[-1].n_accepted + 1
     # the same round again (its reply was lost) gets the same answer, not a second verification
     assert engine.verify_many([Round(good, 3, [4, 5])]) == [replies[-1]]
     engine.expire_idle(now=1e12)
-    assert engine.verify_many([Round(good, replies[-1]["position"], [])])[0]["error"] == "NOT_FOUND"
+    assert engine.verify_many([Round(good, replies[-1].position, [])])[0].code == "NOT_FOUND"
