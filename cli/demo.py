@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedge.cli._lazy import run_lazily
+from fedge.cli.outputs import RUNS_ROOT
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,5 +23,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--rtt-ms", type=float, default=40.0)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs", help="the run directory is created under this")
+    demo.add_argument("--out", default=str(RUNS_ROOT), help="the run directory is created under this")
     demo.set_defaults(func=run_lazily("fedge.simulations.demo"))

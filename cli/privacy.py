@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedge.cli._lazy import run_lazily
+from fedge.cli.outputs import default_output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -13,4 +14,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     privacy = subparsers.add_parser("privacy", help="privacy experiments: DP vs attacks, secure-aggregation cost")
     privacy_sub = privacy.add_subparsers(dest="action", required=True)
     add_privacy_arguments(privacy_sub)
-    privacy.set_defaults(func=run_lazily("fedge.simulations.privacy"))
+    for name, experiment in privacy_sub.choices.items():
+        experiment.set_defaults(json=default_output(f"privacy-{name}", f"privacy-{name}.json"))
+    privacy.set_defaults(func=run_lazily("fedge.simulations.privacy", output_files=("json",)))
