@@ -185,20 +185,10 @@ def measure_draft_s(draft, prompt_ids: list[int], tokens: int = 16) -> float:
     return sorted(times)[1]
 
 
-def main(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from fedge.edge.client import EdgeClient, EdgeConfig, NetworkProfile
+def _load_phone_draft(args: argparse.Namespace, console):
+    """The phones' draft (built once as a full-depth int4 draft), with the served adapter merged in."""
     from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
-    from fedge.models import encode_prompt, load_model
 
-    console = Console(stderr=True)
-    if args.phones < 1:
-        console.print("fedge: --phones must be >= 1")
-        return 2
     draft_dir = Path(args.draft) if args.draft else default_draft_dir(args.model, None, "int4")
     if not (draft_dir / "draft.json").is_file():
         console.print(f"building an int4 full-depth draft of {args.model} into {draft_dir}")
@@ -209,80 +199,83 @@ def main(args: argparse.Namespace) -> int:
         from fedge.edge.draft import merge_adapter_into_draft
 
         merge_adapter_into_draft(draft, Path(args.adapters) / adapter_version)
-    prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return draft, tokenizer, info, draft_dir, adapter_version
 
-    reference: list[list[int]] | None = None
-    if not args.no_reference:
-        from fedge.edge.speculative import autoregressive_generate
 
-        target, _ = load_model(args.model)
-        reference = []
-        with contextlib.ExitStack() as stack, Progress(console=console, transient=True) as bar:
-            if adapter_version:  # the reference is target + adapter, computed as the cloud serves it
-                from fedge.cloud.multi_lora import AdapterBank
+def _local_reference(args: argparse.Namespace, prompts: list[list[int]], stop: set[int], adapter_version: str,
+                     console) -> list[list[int]]:
+    """The local target's greedy text per prompt (target + adapter, computed as the cloud serves it)."""
+    from rich.progress import Progress
 
-                bank = AdapterBank(target)
-                bank.load(adapter_version, Path(args.adapters) / adapter_version)
-                stack.enter_context(bank.rows([bank.row_index(adapter_version)]))
-            task = bar.add_task("local target greedy (reference)", total=len(set(map(tuple, prompts))))
-            cache: dict[tuple, list[int]] = {}
-            for p in prompts:
-                if tuple(p) not in cache:
-                    cache[tuple(p)] = autoregressive_generate(target, p, args.max_new_tokens, stop_ids=stop)
-                    bar.advance(task)
-                reference.append(cache[tuple(p)])
-        del target
+    from fedge.edge.speculative import autoregressive_generate
+    from fedge.models import load_model
 
-    proc = None
-    server = args.server
-    if server is None:
-        port = args.port or _free_port()
-        console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
-                      f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
-        adapter_flags = ["--adapters", args.adapters] if getattr(args, "adapters", None) else []
-        proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms), *adapter_flags)
-        server = f"127.0.0.1:{port}"
-    # the phones draft on this machine too: one thread each, so they do not fight the cloud for
-    # intra-op threads; the cloud's cost is measured as its own CPU time regardless
-    torch.set_num_threads(1)
-    draft_s = measure_draft_s(draft, prompts[0])
-    console.print(f"draft: {draft_s * 1000:.1f} ms/token on one thread, uncontended (each phone's drafting budget)")
-    try:
-        clients = []
-        for i in range(args.phones):
-            net = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss, seed=i)
-            # the phones share this machine's cores, so each one's measured drafting time is inflated
-            # by the others; k is chosen with the speed a phone drafts at on its own
-            cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0,
-                             draft_budget_s=draft_s)
-            clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer,
-                                      adapter_version=adapter_version))
-        # warm-up outside the measurement (first-call costs in the replica and the client)
-        clients[0].generate_ids(prompts[0], 4, stop_ids=stop)
-        clients[0].cloud_generate_ids(prompts[0], 4, stop)
-        results: dict[str, ModeResult] = {}
-        with Progress(console=console) as bar:
-            for mode in ("cloud_only", "edge_assisted"):
-                task = bar.add_task(f"{mode}: {args.phones} phones x {args.max_new_tokens} tokens",
-                                    total=args.phones)
-                results[mode] = _run_mode(mode, clients, prompts, args.max_new_tokens, stop,
-                                          lambda task=task: bar.advance(task))
-        for c in clients:
-            c.close()
-    except grpc.RpcError as exc:
-        console.print(f"fedge: the cloud failed: {exc.code().name}: {exc.details()}")
-        return 1
-    finally:
-        if proc is not None:
-            stop_cloud(proc)
+    target, _ = load_model(args.model)
+    reference = []
+    with contextlib.ExitStack() as stack, Progress(console=console, transient=True) as bar:
+        if adapter_version:
+            from fedge.cloud.multi_lora import AdapterBank
 
-    co, ea = results["cloud_only"], results["edge_assisted"]
-    identical = co.outputs == ea.outputs and (reference is None or ea.outputs == reference)
-    report = {
+            bank = AdapterBank(target)
+            bank.load(adapter_version, Path(args.adapters) / adapter_version)
+            stack.enter_context(bank.rows([bank.row_index(adapter_version)]))
+        task = bar.add_task("local target greedy (reference)", total=len(set(map(tuple, prompts))))
+        cache: dict[tuple, list[int]] = {}
+        for p in prompts:
+            if tuple(p) not in cache:
+                cache[tuple(p)] = autoregressive_generate(target, p, args.max_new_tokens, stop_ids=stop)
+                bar.advance(task)
+            reference.append(cache[tuple(p)])
+    return reference
+
+
+def _start_phones_cloud(args: argparse.Namespace, console) -> tuple[subprocess.Popen | None, str]:
+    """`--server`, or a `fedge cloud serve` started here (its process, and the address)."""
+    if args.server is not None:
+        return None, args.server
+    port = args.port or _free_port()
+    console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
+                  f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
+    adapter_flags = ["--adapters", args.adapters] if getattr(args, "adapters", None) else []
+    proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms), *adapter_flags)
+    return proc, f"127.0.0.1:{port}"
+
+
+def _run_both_modes(args: argparse.Namespace, draft, info, tokenizer, server: str, draft_s: float,
+                    adapter_version: str, prompts: list[list[int]], stop: set[int], console) -> dict[str, ModeResult]:
+    """One client per phone; cloud-only, then edge-assisted, with the same prompts."""
+    from rich.progress import Progress
+
+    from fedge.edge.client import EdgeClient, EdgeConfig, NetworkProfile
+
+    clients = []
+    for i in range(args.phones):
+        net = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss, seed=i)
+        # the phones share this machine's cores, so each one's measured drafting time is inflated
+        # by the others; k is chosen with the speed a phone drafts at on its own
+        cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0, draft_budget_s=draft_s)
+        clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer,
+                                  adapter_version=adapter_version))
+    # warm-up outside the measurement (first-call costs in the replica and the client)
+    clients[0].generate_ids(prompts[0], 4, stop_ids=stop)
+    clients[0].cloud_generate_ids(prompts[0], 4, stop)
+    results: dict[str, ModeResult] = {}
+    with Progress(console=console) as bar:
+        for mode in ("cloud_only", "edge_assisted"):
+            task = bar.add_task(f"{mode}: {args.phones} phones x {args.max_new_tokens} tokens", total=args.phones)
+            results[mode] = _run_mode(mode, clients, prompts, args.max_new_tokens, stop,
+                                      lambda task=task: bar.advance(task))
+    for c in clients:
+        c.close()
+    return results
+
+
+def _report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: bool, checked_reference: bool,
+            draft_dir: Path, draft_quant: str, draft_s: float) -> dict:
+    return {
         "phones": args.phones, "rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
         "bandwidth_mbps": args.bandwidth_mbps, "loss": args.loss, "model": args.model, "draft": str(draft_dir),
-        "draft_quant": info.quant, "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(),
+        "draft_quant": draft_quant, "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(),
         "draft_ms_per_token_alone": draft_s * 1000,
         "cloud_tokens_per_s_cloud_only": co.tokens_per_s,
         "cloud_tokens_per_s_edge_assisted": ea.tokens_per_s,
@@ -292,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
         "p50_ms_per_token_cloud_only": co.pct_ms(0.5), "p95_ms_per_token_cloud_only": co.pct_ms(0.95),
         "p50_ms_per_token_edge_assisted": ea.pct_ms(0.5), "p95_ms_per_token_edge_assisted": ea.pct_ms(0.95),
         "greedy_identical": identical,
-        "greedy_checked_against": "cloud-only and local target greedy" if reference is not None else "cloud-only",
+        "greedy_checked_against": "cloud-only and local target greedy" if checked_reference else "cloud-only",
         "tokens_cloud_only": co.tokens, "tokens_edge_assisted": ea.tokens,
         "wall_s_cloud_only": co.wall_s, "wall_s_edge_assisted": ea.wall_s,
         "cloud_cpu_s_cloud_only": co.cloud_cpu_s, "cloud_cpu_s_edge_assisted": ea.cloud_cpu_s,
@@ -306,7 +299,11 @@ def main(args: argparse.Namespace) -> int:
         "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
         "cloud_forward_s_cloud_only": co.forward_s, "cloud_forward_s_edge_assisted": ea.forward_s,
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _print_table(args: argparse.Namespace, co: ModeResult, ea: ModeResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
     table = Table(title=f"fedge simulate phones: {args.phones} phones, RTT {args.rtt_ms:g}±{args.jitter_ms:g} ms, "
                         f"{args.bandwidth_mbps:g} Mbit/s, loss {args.loss:g}")
@@ -326,6 +323,43 @@ def main(args: argparse.Namespace) -> int:
     table.add_row("acceptance / mean k / mean batch", "", f"{ea.acceptance:.2f} / {ea.mean_k:.1f} / "
                                                           f"{ea.mean_batch:.1f}")
     Console().print(table)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from fedge.models import encode_prompt
+
+    console = Console(stderr=True)
+    if args.phones < 1:
+        console.print("fedge: --phones must be >= 1")
+        return 2
+    draft, tokenizer, info, draft_dir, adapter_version = _load_phone_draft(args, console)
+    prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    reference = None if args.no_reference else _local_reference(args, prompts, stop, adapter_version, console)
+    proc, server = _start_phones_cloud(args, console)
+    try:
+        # the phones draft on this machine too: one thread each, so they do not fight the cloud for
+        # intra-op threads; the cloud's cost is measured as its own CPU time regardless
+        torch.set_num_threads(1)
+        draft_s = measure_draft_s(draft, prompts[0])
+        console.print(f"draft: {draft_s * 1000:.1f} ms/token on one thread, uncontended (each phone's drafting budget)")
+        results = _run_both_modes(args, draft, info, tokenizer, server, draft_s, adapter_version, prompts, stop,
+                                  console)
+    except grpc.RpcError as exc:
+        console.print(f"fedge: the cloud failed: {exc.code().name}: {exc.details()}")
+        return 1
+    finally:
+        if proc is not None:
+            stop_cloud(proc)
+
+    co, ea = results["cloud_only"], results["edge_assisted"]
+    identical = co.outputs == ea.outputs and (reference is None or ea.outputs == reference)
+    report = _report(args, co, ea, identical, reference is not None, draft_dir, info.quant, draft_s)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(args, co, ea)
     print(f"capacity_ratio {report['capacity_ratio']:.2f} (serving processes only: "
           f"{report['capacity_ratio_serving_processes']:.2f}), greedy_identical {identical} "
           f"(checked against {report['greedy_checked_against']}); JSON: {args.json}")
