@@ -172,10 +172,10 @@ def _run_mode(mode: str, clients, prompts: list[list[int]], max_new: int, stop: 
 
 def measure_draft_s(draft, prompt_ids: list[int], tokens: int = 16) -> float:
     """Seconds per drafted token of one phone drafting alone (median of a few proposals)."""
-    from fedge.edge.speculative import DraftSession
+    from fedge.edge.drafter import Drafter
     from fedge.sampling import SamplingParams
 
-    session = DraftSession(draft, prompt_ids, SamplingParams())
+    session = Drafter(draft, prompt_ids, SamplingParams())
     session.propose(2)  # warm-up
     times = []
     for _ in range(3):
@@ -207,8 +207,8 @@ def _local_reference(args: argparse.Namespace, prompts: list[list[int]], stop: s
     """The local target's greedy text per prompt (target + adapter, computed as the cloud serves it)."""
     from rich.progress import Progress
 
-    from fedge.edge.speculative import autoregressive_generate
     from fedge.models import load_model
+    from fedge.speculative import autoregressive_generate
 
     target, _ = load_model(args.model)
     reference = []
@@ -246,7 +246,9 @@ def _run_both_modes(args: argparse.Namespace, draft, info, tokenizer, server: st
     """One client per phone; cloud-only, then edge-assisted, with the same prompts."""
     from rich.progress import Progress
 
-    from fedge.edge.client import EdgeClient, EdgeConfig, NetworkProfile
+    from fedge.edge.client import EdgeClient
+    from fedge.edge.client_types import EdgeConfig
+    from fedge.edge.cloud_link import NetworkProfile
 
     clients = []
     for i in range(args.phones):
