@@ -1,10 +1,9 @@
-"""`fedge demo`: the whole phone-plus-server scenario, with a report."""
+"""`fedge demo`: the whole phone-plus-server scenario, with a report (fedge.simulations.demo runs it)."""
 
 from __future__ import annotations
 
 import argparse
 
-from fedge.cli._lazy import run_lazily
 from fedge.cli.outputs import RUNS_ROOT
 
 
@@ -24,4 +23,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=str(RUNS_ROOT), help="the run directory is created under this")
-    demo.set_defaults(func=run_lazily("fedge.simulations.demo"))
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from fedge.simulations.demo import DemoConfig, run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
+    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
+    return 0

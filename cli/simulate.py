@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedge.cli._lazy import run_lazily
+from fedge.cli.outputs import default_output, run_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,11 +16,109 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_federated(simulate: argparse._SubParsersAction) -> None:
-    from fedge.simulations.federated import add_arguments as add_federated_arguments
-
     fed_sim = simulate.add_parser("federated", help="federated LoRA on Flower + Ray (LoRA-aware aggregation)")
-    add_federated_arguments(fed_sim)
-    fed_sim.set_defaults(func=run_lazily("fedge.simulations.federated"))
+    _add_federated_run_options(fed_sim)
+    _add_federated_training_options(fed_sim)
+    fed_sim.add_argument("--faults", default="",
+                         help="misbehaving clients PID:KIND[@ROUND],... (nan, inf, shape, crash, slow, hang)")
+    fed_sim.add_argument("--local-only-clients", type=int, default=5)
+    fed_sim.add_argument("--no-baselines", action="store_true", help="skip centralised and local-only runs")
+    fed_sim.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints/METHOD")
+    fed_sim.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    fed_sim.add_argument("--out", default=str(run_dir("simulate-federated")),
+                         help="adapters, plot and report go here (default: runs/simulate-federated-DATE)")
+    fed_sim.add_argument("--json", default=None, help="the JSON report (default: OUT/federated.json)")
+    fed_sim.set_defaults(func=_federated)
+
+
+def _add_federated_run_options(parser: argparse.ArgumentParser) -> None:
+    from fedge.cloud.federated_config import STRATEGIES, FederatedConfig
+    from fedge.data import PARTITIONS_HELP, SOURCES_HELP
+    from fedge.models import DEFAULT_MODEL
+    from fedge.peft_methods.config import METHODS
+
+    d = FederatedConfig()
+    parser.add_argument("--clients", type=int, default=d.num_clients, help="number of clients (natural: at most)")
+    parser.add_argument("--clients-per-round", type=int, default=d.clients_per_round)
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--method", default=d.method,
+                        help=f"{' | '.join(METHODS)}; a comma list or 'all' runs them back to back")
+    parser.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES),
+                        help="Flower server strategy around the LoRA-aware aggregation")
+    parser.add_argument("--data", default=d.data, help=SOURCES_HELP)
+    parser.add_argument("--partition", default=d.partition, help=PARTITIONS_HELP)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--round-timeout", type=float, default=d.round_timeout)
+    parser.add_argument("--min-clients", type=int, default=d.min_clients)
+    parser.add_argument("--noop-rounds", type=int, default=d.noop_rounds, help="overhead measurement rounds")
+    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
+    parser.add_argument("--eval-clients", type=int, default=d.eval_clients,
+                        help="evaluate on a seeded sample of this many clients (0 = all)")
+
+
+def _add_federated_training_options(parser: argparse.ArgumentParser) -> None:
+    from fedge.cloud.federated_config import FederatedConfig
+
+    d = FederatedConfig()
+    parser.add_argument("--rank", type=int, default=d.rank)
+    parser.add_argument("--peft", default=d.peft, choices=["lora", "dora"])
+    parser.add_argument("--targets", default=d.targets, help="comma list of module names to adapt")
+    parser.add_argument("--hetlora-ranks", default=d.hetlora_ranks, help="e.g. 8,4,2 (cycled over clients)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="local steps per round")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
+    parser.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam eta")
+
+
+def _federated_config(args: argparse.Namespace, method: str, num_clients: int):
+    from pathlib import Path
+
+    from fedge.cloud.federated_config import FederatedConfig
+
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out) / "checkpoints"
+    return FederatedConfig(
+        model=args.model, data=args.data, partition=args.partition, num_clients=num_clients,
+        clients_per_round=args.clients_per_round, rounds=args.rounds, method=method, strategy=args.strategy,
+        rank=args.rank, peft=args.peft, targets=args.targets, hetlora_ranks=args.hetlora_ranks, steps=args.steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, proximal_mu=args.proximal_mu,
+        server_lr=args.server_lr, eval_examples=args.eval_examples, eval_clients=args.eval_clients, seed=args.seed,
+        round_timeout=args.round_timeout, min_clients=args.min_clients, noop_rounds=args.noop_rounds,
+        faults=args.faults, checkpoint_dir=str(checkpoints / method), resume=args.resume)
+
+
+def _federated(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fedge.data import DataSourceError, load_corpus
+    from fedge.models import ModelUnavailableError
+    from fedge.peft_methods.config import METHODS
+    from fedge.simulations.federated import FederatedExperiment, run_experiment
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
+    methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
+    try:
+        corpus = load_corpus(args.data, args.partition, num_clients=args.clients, seed=args.seed)
+        if len(corpus.clients) != args.clients:
+            console.print(f"[yellow]{args.data}/{args.partition} gives {len(corpus.clients)} clients "
+                          f"(asked for {args.clients}); using {len(corpus.clients)}")
+        experiment = FederatedExperiment(
+            configs=[_federated_config(args, m, len(corpus.clients)) for m in methods], out_dir=Path(args.out),
+            json_path=Path(args.json) if args.json else Path(args.out) / "federated.json",
+            local_only_clients=args.local_only_clients, baselines=not args.no_baselines)
+        run_experiment(experiment, corpus, console)
+    except (DataSourceError, ModelUnavailableError, FileNotFoundError, ValueError) as exc:
+        print(f"fedge: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _add_phones(simulate: argparse._SubParsersAction) -> None:
@@ -44,5 +143,5 @@ def _add_phones(simulate: argparse._SubParsersAction) -> None:
                         help="the started cloud's --batch-wait-ms (how long rounds wait for each other)")
     phones.add_argument("--adapters", default=None, help="adapter registry dir the started cloud serves")
     phones.add_argument("--adapter-version", default="", help="sessions use this served adapter version")
-    phones.add_argument("--json", default="simulate-phones.json")
-    phones.set_defaults(func=run_lazily("fedge.simulations.phones"))
+    phones.add_argument("--json", default=default_output("simulate-phones", "simulate-phones.json"))
+    phones.set_defaults(func=run_lazily("fedge.simulations.phones", output_files=("json",)))

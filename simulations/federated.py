@@ -9,19 +9,28 @@ batch) and local-only training, the global adapter in peft format, a JSON report
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import random
-import sys
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 
 from fedge.cloud.federated_config import FederatedConfig
-from fedge.peft_methods.config import METHODS
+from fedge.simulations.faults import Mod
+
+if TYPE_CHECKING:
+    from fedge.cloud.federated_rounds import FederatedResult
+
+T = TypeVar("T")
 
 log = logging.getLogger("fedge.federated")
 
@@ -38,24 +47,56 @@ def backend_config(config: FederatedConfig) -> dict:
     }
 
 
-def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None, grid_wrapper=None,
-                  client_app=None):
-    """Run one federated simulation; returns the FederatedResult (raises what the ServerApp raised)."""
+def client_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """The edge ClientApp's handlers (`fedge.edge.federated_client`), wrapped in `mods` (outermost first)."""
+    from fedge.edge import federated_client
+
+    app = ClientApp(mods=list(mods))
+    app.query()(federated_client.query)
+    app.train()(federated_client.train)
+    return app
+
+
+def simulate(config: FederatedConfig, server_main: Callable[[Grid], T], app: ClientApp) -> T:
+    """Run `server_main(grid)` as the ServerApp of one Flower simulation (Ray backend, one supernode
+    per client) and return what it returned; raises what it raised."""
     from flwr.simulation import run_simulation
 
-    from fedge.cloud.federated_server import FederatedRun
-    from fedge.edge.federated_client import app as default_client_app
+    out: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            grid.pull_interval = config.pull_interval  # Flower polls replies every 0.1 s by default
+            out["result"] = server_main(grid)
+        except BaseException as exc:  # run_simulation only logs errors; keep it for the caller
+            out["error"] = exc
+            raise
+
+    run_simulation(server_app=server, client_app=app, num_supernodes=config.num_clients, backend_name="ray",
+                   backend_config=backend_config(config), verbose_logging=False)
+    if "error" in out:
+        raise out["error"]
+    if "result" not in out:
+        raise RuntimeError("the federated simulation ended without a result (see the log above)")
+    return out["result"]
+
+
+def run_federated(config: FederatedConfig, corpus, on_round: Callable[[dict], None] | None = None,
+                  grid_wrapper: Callable[[Grid], Grid] | None = None,
+                  client_mods: Sequence[Mod] = ()) -> tuple[FederatedResult, FederatedConfig]:
+    """Run one federated simulation; returns the FederatedResult and the config it ran (with the
+    corpus's number of clients). `config.faults` adds the fault-injection mod innermost."""
+    from fedge.cloud.federated_rounds import FederatedRun
+    from fedge.simulations.faults import fault_mod
 
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
-    kwargs = {"summation": summation} if summation is not None else {}
-    run = FederatedRun(config, corpus, on_round=on_round, grid_wrapper=grid_wrapper, **kwargs)
-    # the client runtime is rebuilt from these in every Ray actor, and must describe the same corpus
-    run_simulation(server_app=run.server_app(), client_app=client_app or default_client_app,
-                   num_supernodes=config.num_clients, backend_name="ray", backend_config=backend_config(config),
-                   verbose_logging=False)
-    if run.error is not None:
-        raise run.error
+    run = FederatedRun(config, corpus, on_round=on_round, grid_wrapper=grid_wrapper)
+    mods = [*client_mods, fault_mod(config.faults, config.round_timeout)] if config.faults else list(client_mods)
+    # the client runtime is rebuilt from the config in every Ray actor, and must describe the same corpus
+    simulate(config, lambda grid: run.execute(grid), client_app(mods))
     if not run.result.final_state:
         raise RuntimeError("the federated simulation ended without a result (see the log above)")
     return run.result, config
@@ -65,7 +106,7 @@ def run_federated(config: FederatedConfig, corpus, on_round=None, summation=None
 
 
 def _eval_loss(adapted, windows_by_client: dict, pad_id: int) -> tuple[float, dict]:
-    from fedge.peft_methods.adapters import mean_token_loss
+    from fedge.peft_methods.lora_model import mean_token_loss
 
     losses, tokens = {}, {}
     for name, windows in windows_by_client.items():
@@ -79,7 +120,7 @@ def _eval_loss(adapted, windows_by_client: dict, pad_id: int) -> tuple[float, di
 def baselines(config: FederatedConfig, corpus, local_only_clients: int, console) -> dict:
     """Centralised LoRA on pooled data, and local-only LoRA per client (same steps as the run)."""
     from fedge.edge.lora_trainer import LocalTrainConfig, train_local
-    from fedge.peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
+    from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, pad_token_id
 
     adapted = AdaptedModel(config.model, config.adapter_spec)
     tok = adapted.tokenizer
@@ -125,7 +166,7 @@ def baselines(config: FederatedConfig, corpus, local_only_clients: int, console)
 
 
 def method_report(config: FederatedConfig, result, base: dict) -> dict:
-    from fedge.cloud.federated_server import overhead_s_per_round
+    from fedge.cloud.federated_rounds import overhead_s_per_round
 
     records = result.records
     final = records[-1]
@@ -252,135 +293,69 @@ def plot(reports: list[dict], base: dict, path: Path) -> None:
 
 
 def save_adapter(config: FederatedConfig, state, path: Path) -> None:
-    from fedge.peft_methods.adapters import AdaptedModel
+    from fedge.peft_methods.lora_model import AdaptedModel
 
     AdaptedModel(config.model, config.adapter_spec).save(path, state)
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- the experiment of `fedge simulate federated`
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fedge.data import PARTITIONS_HELP, SOURCES_HELP
-    from fedge.models import DEFAULT_MODEL
+@dataclass
+class FederatedExperiment:
+    """One `fedge simulate federated` run: methods back to back on one corpus, then the baselines."""
 
-    d = FederatedConfig()
-    parser.add_argument("--clients", type=int, default=d.num_clients, help="number of clients (natural: at most)")
-    parser.add_argument("--clients-per-round", type=int, default=d.clients_per_round)
-    parser.add_argument("--rounds", type=int, default=d.rounds)
-    parser.add_argument("--method", default=d.method,
-                        help=f"{' | '.join(METHODS)}; a comma list or 'all' runs them back to back")
-    parser.add_argument("--strategy", default=d.strategy, choices=["fedavg", "fedprox", "fedadam"],
-                        help="Flower server strategy around the LoRA-aware aggregation")
-    parser.add_argument("--data", default=d.data, help=SOURCES_HELP)
-    parser.add_argument("--partition", default=d.partition, help=PARTITIONS_HELP)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--peft", default=d.peft, choices=["lora", "dora"])
-    parser.add_argument("--targets", default=d.targets, help="comma list of module names to adapt")
-    parser.add_argument("--hetlora-ranks", default=d.hetlora_ranks, help="e.g. 8,4,2 (cycled over clients)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="local steps per round")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
-    parser.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam eta")
-    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
-    parser.add_argument("--eval-clients", type=int, default=d.eval_clients,
-                        help="evaluate on a seeded sample of this many clients (0 = all)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--round-timeout", type=float, default=d.round_timeout)
-    parser.add_argument("--min-clients", type=int, default=d.min_clients)
-    parser.add_argument("--noop-rounds", type=int, default=d.noop_rounds, help="overhead measurement rounds")
-    parser.add_argument("--faults", default="", help="PID:KIND,... (nan, inf, shape, crash, slow)")
-    parser.add_argument("--transforms", default="", help="client update pipeline, e.g. clip:1.0,noise:0.5")
-    parser.add_argument("--local-only-clients", type=int, default=5)
-    parser.add_argument("--no-baselines", action="store_true", help="skip centralised and local-only runs")
-    parser.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints/METHOD")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--out", default="federated-out", help="adapters and plot go here")
-    parser.add_argument("--json", default="federated.json")
+    configs: list[FederatedConfig]
+    out_dir: Path
+    json_path: Path
+    local_only_clients: int = 5
+    baselines: bool = True
 
 
-def config_from_args(args: argparse.Namespace, method: str) -> FederatedConfig:
-    out = Path(args.out)
-    return FederatedConfig(
-        model=args.model, data=args.data, partition=args.partition, num_clients=args.clients,
-        clients_per_round=args.clients_per_round, rounds=args.rounds, method=method, strategy=args.strategy,
-        rank=args.rank, peft=args.peft, targets=args.targets, hetlora_ranks=args.hetlora_ranks, steps=args.steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, proximal_mu=args.proximal_mu,
-        server_lr=args.server_lr, eval_examples=args.eval_examples, eval_clients=args.eval_clients, seed=args.seed,
-        round_timeout=args.round_timeout, min_clients=args.min_clients, noop_rounds=args.noop_rounds,
-        faults=args.faults, transforms=args.transforms,
-        checkpoint_dir=str(Path(args.checkpoint_dir) / method if args.checkpoint_dir else out / "checkpoints" / method),
-        resume=args.resume,
-    )
+def _round_line(record: dict, total: int) -> str:
+    rej = "".join(f"\n    [red]left out {x['client']}: {x['reason']}" for x in record.get("rejected", []))
+    return (f"  round {record['round']}/{total}: global ppl {record['global_perplexity']:.3f}, "
+            f"worst {record['worst_client']} {record['worst_client_perplexity']:.3f}"
+            + (f", {len(record.get('accepted', []))} updates, "
+               f"{_fmt_bytes(record['bytes_up'])} up, {_fmt_bytes(record['bytes_down'])} down, "
+               f"{record['train_s']:.1f} s" if record["round"] else "") + rej)
 
 
-def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _run_method(config: FederatedConfig, corpus, out_dir: Path, console) -> dict:
+    console.rule(f"{config.method}: {config.num_clients} clients, {config.clients_per_round}/round, "
+                 f"{config.rounds} rounds x {config.steps} steps ({config.strategy})")
+    start = time.perf_counter()
+    result, config = run_federated(config, corpus,
+                                   on_round=lambda r, total=config.rounds: console.print(_round_line(r, total)))
+    adapter_dir = out_dir / f"adapter-{config.method}"
+    save_adapter(config, result.final_state, adapter_dir)
+    report = method_report(config, result, {})
+    report["wall_s"] = time.perf_counter() - start
+    report["adapter_dir"] = str(adapter_dir)
+    console.print(round_table(report))
+    return report
 
-    from fedge.data import DataSourceError, load_corpus
-    from fedge.models import ModelUnavailableError
 
-    console = Console()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
-    methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
-    try:
-        corpus = load_corpus(args.data, args.partition, num_clients=args.clients, seed=args.seed)
-        if len(corpus.clients) != args.clients:
-            console.print(f"[yellow]{args.data}/{args.partition} gives {len(corpus.clients)} clients "
-                          f"(asked for {args.clients}); using {len(corpus.clients)}")
-            args.clients = len(corpus.clients)
-        configs = [config_from_args(args, m) for m in methods]
-    except (DataSourceError, ValueError) as exc:
-        print(f"fedge: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+def run_experiment(experiment: FederatedExperiment, corpus, console) -> dict:
+    """Every method, the baselines, the plot and the JSON report; returns the report."""
+    out = experiment.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    reports, base = [], {}
-    try:
-        for config in configs:
-            console.rule(f"{config.method}: {config.num_clients} clients, {config.clients_per_round}/round, "
-                         f"{config.rounds} rounds x {config.steps} steps ({config.strategy})")
-
-            def show(record: dict, total=config.rounds) -> None:
-                rej = "".join(f"\n    [red]left out {x['client']}: {x['reason']}" for x in record.get("rejected", []))
-                console.print(f"  round {record['round']}/{total}: global ppl {record['global_perplexity']:.3f}, "
-                              f"worst {record['worst_client']} {record['worst_client_perplexity']:.3f}"
-                              + (f", {len(record.get('accepted', []))} updates, "
-                                 f"{_fmt_bytes(record['bytes_up'])} up, {_fmt_bytes(record['bytes_down'])} down, "
-                                 f"{record['train_s']:.1f} s" if record["round"] else "") + rej)
-
-            start = time.perf_counter()
-            result, config = run_federated(config, corpus, on_round=show)
-            adapter_dir = out / f"adapter-{config.method}"
-            save_adapter(config, result.final_state, adapter_dir)
-            report = method_report(config, result, {})
-            report["wall_s"] = time.perf_counter() - start
-            report["adapter_dir"] = str(adapter_dir)
-            reports.append(report)
-            console.print(round_table(report))
-        if not args.no_baselines:
-            console.rule("baselines")
-            base = baselines(configs[0], corpus, args.local_only_clients, console)
-    except (DataSourceError, ModelUnavailableError, FileNotFoundError, ValueError) as exc:
-        print(f"fedge: {exc}", file=sys.stderr)
-        return 2
+    reports = [_run_method(config, corpus, out, console) for config in experiment.configs]
+    base = {}
+    if experiment.baselines:
+        console.rule("baselines")
+        base = baselines(experiment.configs[0], corpus, experiment.local_only_clients, console)
     for report in reports:
         report.update({k: v for k, v in base.items() if not k.endswith("_s")})
         compare_on_local_only_clients(report, base)
     plot_path = out / "loss-per-round.png"
     plot(reports, base, plot_path)
     console.print(summary_table(reports))
-    payload = reports[0] if len(reports) == 1 else {
-        "methods": {r["method"]: r for r in reports},
-        **{k: v for k, v in base.items()},
-    }
+    payload = reports[0] if len(reports) == 1 else {"methods": {r["method"]: r for r in reports}, **base}
     if len(reports) == 1:
         payload.update({k: v for k, v in base.items() if k.endswith("_s")})
     payload["plot"] = str(plot_path)
-    Path(args.json).write_text(json.dumps(payload, indent=1, default=float))
-    console.print(f"wrote {args.json}, {plot_path}, adapters in {out}/adapter-*")
-    return 0
+    experiment.json_path.parent.mkdir(parents=True, exist_ok=True)
+    experiment.json_path.write_text(json.dumps(payload, indent=1, default=float))
+    console.print(f"wrote {experiment.json_path}, {plot_path}, adapters in {out}/adapter-*")
+    return payload

@@ -2,10 +2,11 @@
 
 Both experiments run the project's real federated LoRA path: Flower's simulation engine (Ray), the
 edge ClientApp's train function (local LoRA with peft) wrapped in the privacy mods
-(`fedge.edge.secure_aggregation.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy
-(`fedge.cloud.federated_server.build_strategy`) and its rounds driven through
-`fedge.cloud.secure_aggregation.SecureAggregationGrid`. One ServerApp runs every configuration of an
-experiment back to back in the same simulation, so the comparisons share the machine and the actors.
+(`fedge.edge.secagg_mods.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy
+(`fedge.cloud.strategies.build_strategy`) and the one round loop (`fedge.cloud.federated_rounds.run_rounds`)
+driven through `fedge.cloud.secagg_server.SecureAggregationGrid`. One ServerApp runs every
+configuration of an experiment back to back in the same simulation, so the comparisons share the
+machine and the actors.
 
 - `fedge privacy dp`: for each epsilon (inf = no DP), train the global adapter from the same init
   with secure aggregation and client-level DP calibrated to reach that epsilon after the rounds, then
@@ -19,12 +20,9 @@ experiment back to back in the same simulation, so the comparisons share the mac
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import random
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,97 +30,61 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.cloud.federated_config import FederatedConfig
+from fedge.simulations.privacy_attacks import PrivacyData, build_dataset, exposure, per_window_losses, roc_auc
+
 log = logging.getLogger("fedge.privacy")
-
-CANARY_PREFIX = "the secret access code is "
-CANARY_DIGITS = 6
-
-
-# ------------------------------------------------------------------ data with canaries
 
 
 @dataclass
-class PrivacyData:
-    path: Path
-    canary: str
-    canary_client: str
-    candidates: list[str]
+class DPExperiment:
+    """`fedge privacy dp`: the DP budgets to compare and the small federation they are compared on."""
+
+    model: str = "tiny-random-llama"
+    epsilons: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
+    delta: float = 1e-3  # below 1/number of clients
+    clip: float = 0.05  # client update L2 clip norm C
+    clients: int = 10
+    clients_per_round: int = 10
+    rounds: int = 4
+    steps: int = 8
+    batch_size: int = 4
+    seq_len: int = 96
+    lr: float = 2e-2
+    rank: int = 8
+    targets: str = "q_proj,k_proj,v_proj,o_proj"
+    examples_per_client: int = 8
+    eval_examples: int = 4  # member and non-member windows per client
+    canary_repeats: int = 4
+    seed: int = 0
 
 
-def build_dataset(out_dir: Path, clients: int, examples_per_client: int, canary_repeats: int, seed: int) -> PrivacyData:
-    """A JSONL corpus: `clients` stdlib package families, a few chunks each, a canary in one client.
+@dataclass
+class SecAggTimeExperiment:
+    """`fedge privacy secagg-time`: secure vs plain rounds at several dropout rates."""
 
-    Small per-client data is deliberate: membership inference needs a model that can memorise.
-    """
-    from fedge.data import read_source
-
-    rng = random.Random(seed)
-    by_group: dict[str, list[str]] = {}
-    for ex in read_source("stdlib"):
-        by_group.setdefault(ex.group, []).append(ex.text)
-    groups = sorted((g for g, rows in by_group.items() if len(rows) >= examples_per_client + 4),
-                    key=lambda g: (-len(by_group[g]), g))[:clients]
-    if len(groups) < clients:
-        raise ValueError(f"the stdlib corpus has only {len(groups)} groups with enough text for {clients} clients")
-    canary = CANARY_PREFIX + "".join(rng.choice("0123456789") for _ in range(CANARY_DIGITS))
-    candidates = sorted({CANARY_PREFIX + "".join(rng.choice("0123456789") for _ in range(CANARY_DIGITS))
-                         for _ in range(2000)} - {canary})[:999]
-    rows = []
-    for i, group in enumerate(sorted(groups)):
-        texts = rng.sample(by_group[group], examples_per_client + 4)  # + 4 documents to hold out
-        for j, text in enumerate(texts):
-            text = text[:600]
-            if i == 0 and j < canary_repeats:  # the canary client: the secret inside several documents
-                text = f"# {canary}\n{text}"
-            rows.append({"text": text, "group": group})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "privacy-corpus.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return PrivacyData(path, canary, sorted(groups)[0], candidates)
+    model: str = "tiny-random-llama"
+    clients: int = 20
+    clients_per_round: int = 20
+    partition: str = "iid"
+    rounds: int = 2
+    dropouts: tuple[float, ...] = (0.0, 0.1, 0.3)
+    steps: int = 2
+    batch_size: int = 2
+    seq_len: int = 64
+    rank: int = 8
+    crypto_vector_length: int = 184_320  # FFA lora_B of q,v at rank 8 on SmolLM2-135M
+    seed: int = 0
 
 
-# ------------------------------------------------------------------ attacks
+# ------------------------------------------------------------------ secure aggregation around the one round loop
 
 
-def roc_auc(member_scores: list[float], nonmember_scores: list[float]) -> float:
-    """P(score of a random member > score of a random non-member) (Mann-Whitney U; ties count half)."""
-    m, n = np.asarray(member_scores), np.asarray(nonmember_scores)
-    if m.size == 0 or n.size == 0:
-        return float("nan")
-    greater = (m[:, None] > n[None, :]).sum() + 0.5 * (m[:, None] == n[None, :]).sum()
-    return float(greater / (m.size * n.size))
+def secure_mods() -> list:
+    """The ClientApp mods of private rounds: secure aggregation (with DP), and DP for plain rounds."""
+    from fedge.edge.secagg_mods import dp_mod, secagg_mod
 
-
-def per_window_losses(model, windows: list[list[int]], pad_id: int) -> list[float]:
-    from fedge.peft_methods.adapters import mean_token_loss
-
-    return [mean_token_loss(model, [w], pad_id) for w in windows]
-
-
-def exposure(model, tokenizer, canary: str, candidates: list[str], pad_id: int) -> dict:
-    """Carlini et al. 2019: log2(|candidates| + 1) - log2(rank of the canary by loss)."""
-    texts = [canary] + candidates
-    windows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    losses = per_window_losses(model, windows, pad_id)
-    rank = 1 + sum(1 for loss in losses[1:] if loss < losses[0])
-    return {"exposure": math.log2(len(texts)) - math.log2(rank), "rank": rank, "candidates": len(texts),
-            "max_exposure": math.log2(len(texts))}
-
-
-# ------------------------------------------------------------------ the shared server loop
-
-
-def secure_client_app():
-    """The edge ClientApp's handlers, wrapped in the privacy mods."""
-    from flwr.clientapp import ClientApp
-
-    from fedge.edge import federated_client
-    from fedge.edge.secure_aggregation import dp_mod, secagg_mod
-
-    app = ClientApp(mods=[secagg_mod, dp_mod])
-    app.query()(federated_client.query)
-    app.train()(federated_client.train)
-    return app
+    return [secagg_mod, dp_mod]
 
 
 def trained_layout(method_spec):
@@ -137,149 +99,148 @@ def trained_layout(method_spec):
     return layout
 
 
-def secure_grid_wrapper(config, dp=None, threshold: float = 0.6, seed: int = 0):
-    """A `grid_wrapper` for `run_federated`: train rounds under secure aggregation (+ DP if given).
-
-    Clients send the method's trained tensors directly (FFA/FedSVD: B only), so the masked sum is
-    exactly the sum the strategy would have computed in the clear."""
-    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+def secure_settings(config: FederatedConfig, dp=None, threshold: float = 0.6, seed: int = 0, **overrides):
+    """Secure aggregation (+ DP if given) of what clients send directly (FFA/FedSVD: B only), so the
+    masked sum is exactly the sum the strategy would have computed in the clear."""
+    from fedge.cloud.secagg_server import SecureAggregationSettings
     from fedge.protocol.secagg_records import UPDATE_DIRECT
 
-    settings = SecureAggregationSettings(threshold=threshold, update_mode=UPDATE_DIRECT,
-                                         layout=trained_layout(config.method_spec), dp=dp,
-                                         population=config.num_clients, seed=seed)
+    return SecureAggregationSettings(**{"threshold": threshold, "update_mode": UPDATE_DIRECT,
+                                        "layout": trained_layout(config.method_spec), "dp": dp,
+                                        "population": config.num_clients, "seed": seed, **overrides})
+
+
+def secure_grid_wrapper(config: FederatedConfig, dp=None, threshold: float = 0.6, seed: int = 0):
+    """A `grid_wrapper` for `run_federated`: train rounds under secure aggregation (+ DP if given)."""
+    from fedge.cloud.secagg_server import SecureAggregationGrid
+
+    settings = secure_settings(config, dp, threshold, seed)
     return lambda grid: SecureAggregationGrid(grid, settings)
 
 
-def _simulate(config, corpus, body) -> dict:
-    """Run `body(grid, run)` as the ServerApp of one Flower simulation; returns what it returned."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
+def train_secure(grid, settings, config: FederatedConfig, node_of_partition: dict[int, int], init, rounds: int):
+    """A fresh strategy trained from `init` for `rounds` rounds through a secure grid; (state, the grid)."""
+    from fedge.cloud.federated_rounds import run_rounds
+    from fedge.cloud.secagg_server import SecureAggregationGrid
+    from fedge.cloud.strategies import build_strategy
 
-    from fedge.cloud.federated_server import FederatedRun
-    from fedge.simulations.federated import backend_config
-
-    out: dict = {}
-    run = FederatedRun(config, corpus)
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        try:
-            grid.pull_interval = config.pull_interval
-            out["result"] = body(grid, run)
-        except BaseException as exc:  # run_simulation only logs; keep it for the caller
-            out["error"] = exc
-            raise
-
-    run_simulation(server_app=app, client_app=secure_client_app(), num_supernodes=config.num_clients,
-                   backend_name="ray", backend_config=backend_config(config), verbose_logging=False)
-    if "error" in out:
-        raise out["error"]
-    if "result" not in out:
-        raise RuntimeError("the privacy simulation ended without a result (see the log above)")
-    return out["result"]
+    secure = SecureAggregationGrid(grid, settings)
+    state = run_rounds(secure, build_strategy(config, node_of_partition), config, init, 1, rounds)
+    return state, secure
 
 
-def _train_rounds(grid, strategy, config, state, rounds: int):
-    """configure -> (secure) send_and_receive -> aggregate -> finalize, as the cloud's round loop does."""
-    from fedge.cloud.federated_server import finalize, to_record
+def _simulate(config: FederatedConfig, body):
+    """`body(grid, node_of_partition)` as the ServerApp of one simulation of the privacy ClientApp."""
+    from fedge.cloud.federated_rounds import discover_partitions
+    from fedge.simulations.federated import client_app, simulate
 
-    for server_round in range(1, rounds + 1):
-        if getattr(grid, "budget_exhausted", False):
-            break
-        messages = strategy.configure_train(server_round, to_record(state), config.client_config(), grid)
-        replies = grid.send_and_receive(messages, timeout=config.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            state, _ = finalize(config, new_arrays.to_torch_state_dict(), state)
-    return state
+    def main(grid):
+        return body(grid, discover_partitions(grid, config.num_clients, config.round_timeout))
+
+    return simulate(config, main, client_app(secure_mods()))
 
 
 # ------------------------------------------------------------------ fedge privacy dp
 
 
-def run_dp_experiment(args: argparse.Namespace) -> dict:
-    from fedge.cloud.federated_config import FederatedConfig
-    from fedge.cloud.federated_server import build_strategy
-    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+def _dp_config(experiment: DPExperiment, data: PrivacyData) -> tuple[FederatedConfig, object]:
     from fedge.data import load_corpus
-    from fedge.peft_methods.adapters import AdaptedModel, eval_windows, pad_token_id
-    from fedge.peft_methods.dp import DPConfig, RDPAccountant, calibrate_noise_multiplier
-    from fedge.protocol.secagg_records import UPDATE_DIRECT
 
-    workdir = Path(tempfile.mkdtemp(prefix="fedge-privacy-"))
-    data = build_dataset(workdir, args.clients, args.examples_per_client, args.canary_repeats, args.seed)
-    config = FederatedConfig(model=args.model, data=f"jsonl:{data.path}", partition="natural",
-                             num_clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
-                             method="ffa", rank=args.rank, steps=args.steps, batch_size=args.batch_size,
-                             seq_len=args.seq_len, lr=args.lr, eval_examples=args.eval_examples, seed=args.seed,
-                             noop_rounds=0, targets=args.targets)
+    config = FederatedConfig(model=experiment.model, data=f"jsonl:{data.path}", partition="natural",
+                             num_clients=experiment.clients, clients_per_round=experiment.clients_per_round,
+                             rounds=experiment.rounds, method="ffa", rank=experiment.rank, steps=experiment.steps,
+                             batch_size=experiment.batch_size, seq_len=experiment.seq_len, lr=experiment.lr,
+                             eval_examples=experiment.eval_examples, seed=experiment.seed, noop_rounds=0,
+                             targets=experiment.targets)
     corpus = load_corpus(config.data, "natural", num_clients=config.num_clients, seed=config.seed)
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
-    sample_rate = config.clients_per_round / config.num_clients
+    return config, corpus
+
+
+class _Attacks:
+    """The evaluator model and the member / non-member windows every epsilon is attacked on."""
+
+    def __init__(self, config: FederatedConfig, corpus, data: PrivacyData, eval_examples: int) -> None:
+        from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, pad_token_id
+
+        self.evaluator = AdaptedModel(config.model, config.adapter_spec)
+        self.tok, self.pad_id, self.data = self.evaluator.tokenizer, pad_token_id(self.evaluator.tokenizer), data
+        self.init = self.evaluator.get_state()
+        self.members = [w for c in corpus.clients for w in eval_windows(c.train, self.tok, eval_examples,
+                                                                         config.seq_len)]
+        self.nonmembers = [w for c in corpus.clients for w in eval_windows(c.heldout, self.tok, eval_examples,
+                                                                            config.seq_len)]
+        self.reference = self.losses(self.init)
+
+    def losses(self, state) -> tuple[list[float], list[float]]:
+        self.evaluator.set_state(state)
+        return (per_window_losses(self.evaluator.model, self.members, self.pad_id),
+                per_window_losses(self.evaluator.model, self.nonmembers, self.pad_id))
+
+    def measure(self, state) -> dict:
+        member_loss, nonmember_loss = self.losses(state)
+        heldout_loss = float(np.mean(nonmember_loss))
+        ref_members, ref_nonmembers = self.reference
+        return {
+            "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
+            "mia_auc_loss": roc_auc([-x for x in member_loss], [-x for x in nonmember_loss]),
+            "mia_auc_reference": roc_auc([r - x for x, r in zip(member_loss, ref_members, strict=True)],
+                                         [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)]),
+            **{f"canary_{k}": v for k, v in self.canary(state).items()},
+        }
+
+    def canary(self, state) -> dict:
+        self.evaluator.set_state(state)
+        return exposure(self.evaluator.model, self.tok, self.data.canary, self.data.candidates, self.pad_id)
+
+
+def _dp_row(experiment: DPExperiment, eps: float, grid, config: FederatedConfig, nodes: dict[int, int],
+            attacks: _Attacks, threshold: int) -> dict:
+    """Train under DP calibrated to `eps` (inf: no DP) with secure aggregation, then attack the adapter."""
+    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
+
+    start = time.perf_counter()
+    dp, sigma = None, 0.0
+    if not math.isinf(eps):
+        sigma = calibrate_noise_multiplier(eps, experiment.delta, config.clients_per_round / config.num_clients,
+                                           config.rounds)
+        dp = DPConfig(clip_norm=experiment.clip, noise_multiplier=sigma, delta=experiment.delta, max_epsilon=eps,
+                      min_clients=threshold)
+    settings = secure_settings(config, dp, threshold, experiment.seed)
+    state, secure = train_secure(grid, settings, config, nodes, attacks.init, config.rounds)
+    row = {"epsilon": eps, "noise_multiplier": sigma, "clip_norm": experiment.clip if dp else None,
+           "rounds_run": len(secure.history),
+           "epsilon_spent": secure.privacy_log[-1].epsilon if secure.privacy_log else (0.0 if dp else math.inf),
+           **attacks.measure(state), "seconds": time.perf_counter() - start}
+    log.warning("epsilon %s: %s", eps, {k: row[k] for k in ("heldout_perplexity", "mia_auc_loss", "canary_exposure")})
+    return row
+
+
+def run_dp_experiment(experiment: DPExperiment) -> dict:
+    from fedge.peft_methods.dp import RDPAccountant
+
+    data = build_dataset(Path(tempfile.mkdtemp(prefix="fedge-privacy-")), experiment.clients,
+                         experiment.examples_per_client, experiment.canary_repeats, experiment.seed)
+    config, corpus = _dp_config(experiment, data)
     threshold = max(2, math.ceil(0.6 * config.clients_per_round))
-    epsilons = [float(e) for e in args.epsilons.split(",")]
 
-    def body(grid, run):
-        node_of_partition = run._discover(grid)
-        evaluator = AdaptedModel(config.model, config.adapter_spec)
-        tok, pad_id = evaluator.tokenizer, pad_token_id(evaluator.tokenizer)
-        init = evaluator.get_state()
-        members = [w for c in corpus.clients for w in eval_windows(c.train, tok, args.eval_examples, config.seq_len)]
-        nonmembers = [w for c in corpus.clients for w in eval_windows(c.heldout, tok, args.eval_examples,
-                                                                       config.seq_len)]
-        reference = (per_window_losses(evaluator.model, members, pad_id),
-                     per_window_losses(evaluator.model, nonmembers, pad_id))
-        rows = []
-        for eps in epsilons:
-            start = time.perf_counter()
-            if math.isinf(eps):
-                dp, sigma = None, 0.0
-            else:
-                sigma = calibrate_noise_multiplier(eps, args.delta, sample_rate, config.rounds)
-                dp = DPConfig(clip_norm=args.clip, noise_multiplier=sigma, delta=args.delta, max_epsilon=eps,
-                              min_clients=threshold)
-            settings = SecureAggregationSettings(threshold=threshold, update_mode=UPDATE_DIRECT,
-                                                 layout=trained_layout(config.method_spec), dp=dp,
-                                                 population=config.num_clients, seed=args.seed)
-            secure = SecureAggregationGrid(grid, settings)
-            strategy = build_strategy(config, node_of_partition)
-            state = _train_rounds(secure, strategy, config, init, config.rounds)
-            evaluator.set_state(state)
-            member_loss = per_window_losses(evaluator.model, members, pad_id)
-            nonmember_loss = per_window_losses(evaluator.model, nonmembers, pad_id)
-            heldout_loss = float(np.mean(nonmember_loss))
-            row = {
-                "epsilon": eps, "noise_multiplier": sigma, "clip_norm": args.clip if dp else None,
-                "rounds_run": len(secure.history),
-                "epsilon_spent": secure.privacy_log[-1].epsilon if secure.privacy_log else (0.0 if dp else math.inf),
-                "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
-                "mia_auc_loss": roc_auc([-x for x in member_loss], [-x for x in nonmember_loss]),
-                "mia_auc_reference": roc_auc([r - x for x, r in zip(member_loss, reference[0], strict=True)],
-                                             [r - x for x, r in zip(nonmember_loss, reference[1], strict=True)]),
-                **{f"canary_{k}": v for k, v in exposure(evaluator.model, tok, data.canary, data.candidates,
-                                                          pad_id).items()},
-                "seconds": time.perf_counter() - start,
-            }
-            rows.append(row)
-            log.warning("epsilon %s: %s", eps, {k: row[k] for k in ("heldout_perplexity", "mia_auc_loss",
-                                                                     "canary_exposure")})
-        evaluator.set_state(init)
-        base = exposure(evaluator.model, tok, data.canary, data.candidates, pad_id)
-        return {"rows": rows, "init_heldout_perplexity": math.exp(float(np.mean(reference[1]))),
-                "init_canary_exposure": base["exposure"]}
+    def body(grid, nodes):
+        attacks = _Attacks(config, corpus, data, experiment.eval_examples)
+        rows = [_dp_row(experiment, eps, grid, config, nodes, attacks, threshold) for eps in experiment.epsilons]
+        return {"rows": rows, "init_heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
+                "init_canary_exposure": attacks.canary(attacks.init)["exposure"]}
 
-    result = _simulate(config, corpus, body)
+    result = _simulate(config, body)
     inf_row = next((r for r in result["rows"] if math.isinf(r["epsilon"])), None)
     for row in result["rows"]:
         row["perplexity_cost"] = (row["heldout_perplexity"] / inf_row["heldout_perplexity"] - 1) if inf_row else None
     accountant_check = RDPAccountant(conversion="classic")
     accountant_check.step(1.12, 256 / 60000, 60 * 60000 // 256)
-    return {"experiment": "dp", "config": asdict(config), "delta": args.delta, "sample_rate": sample_rate,
-            "secagg_threshold": threshold, "canary_client": data.canary_client, "canary_repeats": args.canary_repeats,
-            "members": args.eval_examples, **result,
+    return {"experiment": "dp", "config": asdict(config), "delta": experiment.delta,
+            "sample_rate": config.clients_per_round / config.num_clients, "secagg_threshold": threshold,
+            "canary_client": data.canary_client, "canary_repeats": experiment.canary_repeats,
+            "members": experiment.eval_examples, **result,
             "accountant_check": {"setting": "TF Privacy MNIST: sigma 1.12, q 256/60000, 60 epochs, delta 1e-5",
                                  "published": 2.92, "ours": accountant_check.epsilon(1e-5)}}
 
@@ -310,39 +271,36 @@ def crypto_microbenchmark(vector_length: int, clients: int, dropout: float, repe
             "plain_sum_s": min(plain)}
 
 
-def run_secagg_time(args: argparse.Namespace) -> dict:
-    from fedge.cloud.federated_config import FederatedConfig
-    from fedge.cloud.federated_server import build_strategy
-    from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
+def _secagg_time_config(experiment: SecAggTimeExperiment) -> FederatedConfig:
     from fedge.data import load_corpus
-    from fedge.peft_methods.adapters import AdaptedModel
-    from fedge.protocol.secagg_records import UPDATE_DIRECT
 
-    config = FederatedConfig(model=args.model, data="stdlib", partition=args.partition, num_clients=args.clients,
-                             clients_per_round=args.clients_per_round, rounds=args.rounds, method="ffa",
-                             rank=args.rank, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                             eval_examples=1, seed=args.seed, noop_rounds=0)
-    corpus = load_corpus("stdlib", args.partition, num_clients=args.clients, seed=args.seed)
+    config = FederatedConfig(model=experiment.model, data="stdlib", partition=experiment.partition,
+                             num_clients=experiment.clients, clients_per_round=experiment.clients_per_round,
+                             rounds=experiment.rounds, method="ffa", rank=experiment.rank, steps=experiment.steps,
+                             batch_size=experiment.batch_size, seq_len=experiment.seq_len, eval_examples=1,
+                             seed=experiment.seed, noop_rounds=0)
+    corpus = load_corpus("stdlib", experiment.partition, num_clients=experiment.clients, seed=experiment.seed)
     if len(corpus.clients) != config.num_clients:
-        config = replace(config, num_clients=len(corpus.clients), clients_per_round=min(config.clients_per_round,
-                                                                                         len(corpus.clients)))
-    dropouts = [float(d) for d in args.dropouts.split(",")]
+        n = len(corpus.clients)
+        config = replace(config, num_clients=n, clients_per_round=min(config.clients_per_round, n))
+    return config
 
-    def body(grid, run):
-        node_of_partition = run._discover(grid)
+
+def run_secagg_time(experiment: SecAggTimeExperiment) -> dict:
+    from fedge.peft_methods.lora_model import AdaptedModel
+
+    config = _secagg_time_config(experiment)
+
+    def body(grid, nodes):
         init = AdaptedModel(config.model, config.adapter_spec).get_state()
         # warm-up: every actor loads its model and data once, outside the timed rounds
-        warm = SecureAggregationGrid(grid, SecureAggregationSettings(secure=False, update_mode=UPDATE_DIRECT,
-                                                                     layout=trained_layout(config.method_spec)))
-        _train_rounds(warm, build_strategy(config, node_of_partition), config, init, 1)
+        train_secure(grid, secure_settings(config, secure=False, population=None), config, nodes, init, 1)
         rows = []
-        for dropout in dropouts:
+        for dropout in experiment.dropouts:
             for secure in (False, True):
-                settings = SecureAggregationSettings(threshold=0.6, secure=secure, update_mode=UPDATE_DIRECT,
-                                                     layout=trained_layout(config.method_spec),
-                                                     simulate_dropout=dropout, seed=args.seed)
-                wrapped = SecureAggregationGrid(grid, settings)
-                _train_rounds(wrapped, build_strategy(config, node_of_partition), config, init, config.rounds)
+                settings = secure_settings(config, threshold=0.6, seed=experiment.seed, secure=secure,
+                                           simulate_dropout=dropout, population=None)
+                _, wrapped = train_secure(grid, settings, config, nodes, init, config.rounds)
                 times = [h.seconds for h in wrapped.history]
                 rows.append({"dropout": dropout, "secure": secure, "round_s": float(np.median(times)),
                              "round_s_all": times, "survivors": [h.survivors for h in wrapped.history],
@@ -350,125 +308,21 @@ def run_secagg_time(args: argparse.Namespace) -> dict:
         vector_length = sum(int(np.prod(a.shape)) for k, a in init.items() if config.method_spec.trains(k))
         return {"rows": rows, "vector_length": vector_length}
 
-    result = _simulate(config, corpus, body)
+    result = _simulate(config, body)
     for row in result["rows"]:
         plain = next(r for r in result["rows"] if r["dropout"] == row["dropout"] and not r["secure"])
         row["ratio_vs_plain"] = row["round_s"] / plain["round_s"]
-    crypto = [crypto_microbenchmark(args.crypto_vector_length, config.clients_per_round, d) for d in dropouts]
+    crypto = [crypto_microbenchmark(experiment.crypto_vector_length, config.clients_per_round, d)
+              for d in experiment.dropouts]
     return {"experiment": "secagg-time", "config": asdict(config), **result, "crypto": crypto}
 
 
-# ------------------------------------------------------------------ output
+def write_report(report: dict, json_path: Path) -> Path:
+    """The report as JSON and its plot beside it (same name, .png); returns the plot's path."""
+    from fedge.simulations.privacy_report import plot_dp, plot_time
 
-
-def _plot_dp(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    labels = ["inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}" for r in rows]
-    x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(x, [r["mia_auc_loss"] for r in rows], "o-", label="loss threshold")
-    axes[0].plot(x, [r["mia_auc_reference"] for r in rows], "s-", label="reference model")
-    axes[0].axhline(0.5, color="gray", lw=0.8, ls="--")
-    axes[0].set(title="membership inference", ylabel="ROC AUC")
-    axes[0].legend()
-    axes[1].plot(x, [r["canary_exposure"] for r in rows], "o-")
-    axes[1].set(title="canary exposure", ylabel="bits")
-    axes[2].plot(x, [r["heldout_perplexity"] for r in rows], "o-")
-    axes[2].set(title="utility", ylabel="held-out perplexity")
-    for ax in axes:
-        ax.set_xticks(x, labels)
-        ax.set_xlabel("epsilon")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_time(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dropouts = sorted({r["dropout"] for r in report["rows"]})
-    x = np.arange(len(dropouts))
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for offset, secure in ((-0.2, False), (0.2, True)):
-        values = [next(r["round_s"] for r in report["rows"] if r["dropout"] == d and r["secure"] == secure)
-                  for d in dropouts]
-        ax.bar(x + offset, values, width=0.4, label="secure aggregation" if secure else "plain")
-    ax.set_xticks(x, [f"{d:.0%}" for d in dropouts])
-    ax.set(xlabel="clients dropping after sharing keys", ylabel="round time (s)",
-           title=f"{report['config']['clients_per_round']} clients per round")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _print_dp(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"client-level DP + secure aggregation ({report['config']['model']}, "
-                        f"{report['config']['rounds']} rounds, q={report['sample_rate']:.2f}, delta={report['delta']})")
-    for col in ("epsilon", "sigma", "eps spent", "rounds", "held-out ppl", "ppl cost", "MIA AUC (loss)",
-                "MIA AUC (ref)", "canary exposure"):
-        table.add_column(col, justify="right")
-    for r in report["rows"]:
-        table.add_row("inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}", f"{r['noise_multiplier']:.2f}",
-                      "inf" if math.isinf(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}", str(r["rounds_run"]),
-                      f"{r['heldout_perplexity']:.2f}",
-                      "" if r["perplexity_cost"] is None else f"{r['perplexity_cost']:+.1%}",
-                      f"{r['mia_auc_loss']:.3f}", f"{r['mia_auc_reference']:.3f}",
-                      f"{r['canary_exposure']:.2f} / {r['canary_max_exposure']:.1f}")
-    Console().print(table)
-
-
-def _print_time(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"secure aggregation vs plain rounds ({report['config']['clients_per_round']} clients per "
-                        f"round, {report['vector_length']} values per update)")
-    for col in ("dropout", "mode", "round s (median)", "ratio", "survivors"):
-        table.add_column(col, justify="right")
-    for r in report["rows"]:
-        table.add_row(f"{r['dropout']:.0%}", "secure" if r["secure"] else "plain", f"{r['round_s']:.3f}",
-                      f"{r['ratio_vs_plain']:.2f}x", ",".join(map(str, r["survivors"])))
-    Console().print(table)
-    crypto = Table(title="cryptography alone (all parties, in process)")
-    for col in ("values", "clients", "dropout", "secure s", "per client s", "plain sum s"):
-        crypto.add_column(col, justify="right")
-    for c in report["crypto"]:
-        crypto.add_row(str(c["vector_length"]), str(c["clients"]), f"{c['dropout']:.0%}",
-                       f"{c['secure_s_all_parties']:.3f}", f"{c['secure_s_per_client_avg']:.4f}",
-                       f"{c['plain_sum_s']:.4f}")
-    Console().print(crypto)
-
-
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    try:
-        if args.action == "dp":
-            report = run_dp_experiment(args)
-            _print_dp(report)
-            plot = _plot_dp
-        else:
-            report = run_secagg_time(args)
-            _print_time(report)
-            plot = _plot_time
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fedge: {exc}", file=sys.stderr)
-        return 2
-    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1, default=str))
     plot_path = json_path.with_suffix(".png")
-    plot(report, plot_path)
-    print(f"wrote {json_path} and {plot_path}")
-    return 0
+    (plot_dp if report["experiment"] == "dp" else plot_time)(report, plot_path)
+    return plot_path

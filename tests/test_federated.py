@@ -159,7 +159,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(uninterrupted, corpus_path
 
 
 def test_resume_refuses_a_different_run(corpus_path, tmp_path):
-    from fedge.cloud.federated_server import save_checkpoint
+    from fedge.cloud.checkpoints import save_checkpoint
 
     config = make_config(corpus_path, tmp_path)
     # a checkpoint written by a run with another rank

@@ -1,5 +1,5 @@
 """The edge side without Flower: local LoRA training per method (what trains, what is sent), DoRA,
-and the client update pipeline that privacy transforms plug into."""
+and the faults that simulations inject around the ClientApp."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fedge.data import Example
-from fedge.edge.federated_client import UpdateContext, build_update_pipeline, register_update_transform
 from fedge.edge.lora_trainer import LocalTrainConfig, train_local
-from fedge.peft_methods.adapters import AdaptedModel
 from fedge.peft_methods.aggregation import LORA_A, LORA_B, client_delta, lora_pairs
 from fedge.peft_methods.config import AdapterSpec, MethodSpec
+from fedge.peft_methods.lora_model import AdaptedModel
+from fedge.simulations.faults import inject_fault, parse_faults
 
 TEXT = [Example(text="def add(a, b):\n    return a + b\n" * 8, group="g", doc=f"d{i}") for i in range(4)]
 CONFIG = LocalTrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2)
@@ -65,22 +65,15 @@ def test_heterogeneous_rank_adapters_share_one_base():
     assert adapted.ranks == {4, 2}
 
 
-def test_update_pipeline_runs_registered_transforms_in_order():
-    seen = []
-
-    def scale_by(arg: str):
-        def transform(update, ctx):
-            seen.append((arg, ctx.partition_id))
-            return {k: v * float(arg) for k, v in update.items()}
-        return transform
-
-    register_update_transform("test-scale", scale_by)
-    update = {"m.lora_B.weight": torch.ones(3, 2)}
-    ctx = UpdateContext(partition_id=7, server_round=1, seed=0, num_examples=10, global_rank=4)
-    for transform in build_update_pipeline("test-scale:2,test-scale:3,pad"):
-        update = transform(update, ctx)
-    assert seen == [("2", 7), ("3", 7)]
-    assert update["m.lora_B.weight"].shape == (3, 4)  # padded to the global rank for masking
-    torch.testing.assert_close(update["m.lora_B.weight"][:, :2], torch.full((3, 2), 6.0))
-    with pytest.raises(ValueError, match="unknown update transform"):
-        build_update_pipeline("no-such-transform")
+def test_faults_parse_per_round_and_spoil_the_update():
+    assert parse_faults("3:nan,5:crash@2,1:shape", 1) == {3: "nan", 1: "shape"}
+    assert parse_faults("3:nan,5:crash@2,1:shape", 2) == {3: "nan", 5: "crash", 1: "shape"}
+    with pytest.raises(ValueError, match="unknown fault"):
+        parse_faults("1:melt", 1)
+    update = {"m.lora_B.weight": torch.ones(3, 2), "n.lora_B.weight": torch.ones(3, 2)}
+    assert torch.isnan(inject_fault("nan", update, 0.0)["m.lora_B.weight"]).all()
+    assert torch.isinf(inject_fault("inf", update, 0.0)["m.lora_B.weight"]).all()
+    assert inject_fault("shape", update, 0.0)["m.lora_B.weight"].shape == (4, 2)
+    assert torch.equal(update["m.lora_B.weight"], torch.ones(3, 2))  # the clean update is left as it was
+    with pytest.raises(RuntimeError, match="injected client crash"):
+        inject_fault("crash", update, 0.0)

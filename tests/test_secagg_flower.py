@@ -9,8 +9,8 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from fedge.cloud.secure_aggregation import SecureAggregationGrid, SecureAggregationSettings
-from fedge.edge.secure_aggregation import dp_mod, secagg_mod
+from fedge.cloud.secagg_server import SecureAggregationGrid, SecureAggregationSettings
+from fedge.edge.secagg_mods import dp_mod, secagg_mod
 from fedge.peft_methods.dp import DPConfig
 
 N_CLIENTS = 6
@@ -62,6 +62,9 @@ def test_flower_secure_rounds_with_dropouts_and_dp_budget():
     arrays, grid = _run(SecureAggregationSettings(threshold=0.6, simulate_dropout=0.34, seed=3), rounds=2)
     assert [h.survivors for h in grid.history] == [4, 4]
     assert all(h.dropped == 2 for h in grid.history)
+    # bytes up are the masked vectors the survivors sent: 4 x one serialised array (a 128-byte .npy header
+    # and 4*3 + 5 uint32 values)
+    assert [h.bytes_up for h in grid.history] == [4 * (128 + 17 * 4)] * 2
     lora_b = arrays["lora_B"]
     assert np.allclose(lora_b, lora_b.flat[0], atol=1e-6)  # every coordinate got the same mean
     # each round's mean of 0.01 * (p + 1) over 4 distinct partitions lies in [0.025, 0.05] and is a multiple

@@ -1,20 +1,24 @@
 """Server side of secure aggregation and client-level DP for Flower's Message API.
 
-`SecureAggregationGrid` wraps the ServerApp's Grid. A strategy's `start()` (or any round loop) calls
-`grid.send_and_receive(train_messages)`; the wrapper runs the four secure-aggregation stages with
-those clients instead, and returns one reply per surviving client, each holding the AGGREGATE (the
-mean update; in "delta" mode global + mean update) with "num-examples" = 1, and an error reply for
-each client that dropped. Any strategy whose train aggregation is a weighted mean (FedAvg, FFA-LoRA's
-B sum, FedSVD's sum with a shared A) therefore computes exactly the mean of the survivors' updates,
-without ever seeing one of them. Evaluation and query messages pass through, and so do train
-messages that `passthrough` selects (by default those whose config says `noop`).
+`SecureAggregationGrid` wraps the ServerApp's Grid. `aggregate_train_round(train_messages)` runs the
+four secure-aggregation stages with those clients and returns an `Aggregate`: the (DP-noised) sum of
+the survivors' updates, its weight, who is in it and who dropped, and the bytes of the masked
+messages that carried it. The LoRA strategy consumes it directly (`LoraFedAvg.aggregate_secure`)
+and never sees an individual update.
+
+For stock Flower strategies (`strategy.start(grid=...)`), `send_and_receive(train_messages)` runs the
+same round and hands back one reply per surviving client holding the new global arrays (global +
+mean update) with "num-examples" = 1, and an error reply per dropped client: any strategy whose
+train aggregation is a weighted mean then computes exactly the mean of the survivors' updates.
+Evaluation and query messages pass through, and so do train messages that `passthrough` selects
+(by default those whose config says `noop`).
 
 Client weights are uniform under secure aggregation (each client contributes its update once):
 weighting by example counts would need the counts in the clear and changes DP's sensitivity.
 
 With `dp` set, the server also enforces the privacy budget: before each round it asks the
 accountant whether the round would exceed `dp.max_epsilon`; if so it sends nothing, returns no
-replies (the strategy keeps the current global model) and sets `budget_exhausted`; round loops
+aggregate (the strategy keeps the current global model) and sets `budget_exhausted`; round loops
 should stop when they see it. After each round `privacy_log` has epsilon at delta.
 """
 
@@ -39,6 +43,7 @@ from fedge.protocol.secagg import (
 )
 from fedge.protocol.secagg_records import (
     DP_KEY,
+    MASKED_KEY,
     SECAGG_KEY,
     STAGE_MASK,
     UPDATE_DELTA,
@@ -106,6 +111,25 @@ class RoundStats:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     n_clipped: int = 0
     privacy: RoundPrivacy | None = None
+    bytes_up: int = 0  # the update payloads that crossed the wire (masked vectors when secure)
+
+
+@dataclass
+class Aggregate:
+    """What a securely aggregated train round gives the server: the sum, never the parts.
+
+    total: array name -> sum of the survivors' updates (float64; DP noise included when DP is on);
+    weight: how many updates are in the sum (the mean update is total / weight);
+    survivors / dropped: node ids in the sum / sampled but left out;
+    bytes_up: bytes of the update payloads that crossed the wire (the masked vectors when secure).
+    """
+
+    total: dict[str, np.ndarray]
+    weight: float
+    survivors: list[int]
+    dropped: list[int]
+    bytes_up: int
+    stats: RoundStats
 
 
 class SecureAggregationGrid:
@@ -127,33 +151,45 @@ class SecureAggregationGrid:
     def privacy_log(self) -> list[RoundPrivacy]:
         return list(self.budget.rounds) if self.budget else []
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        is_train = bool(messages) and messages[0].metadata.message_type.startswith("train") and \
-            SECAGG_KEY not in messages[0].content.config_records
-        passthrough = self.settings.passthrough or _is_noop
-        if not is_train or passthrough(messages[0]):
-            return list(self._grid.send_and_receive(messages, timeout=timeout))
+    def aggregate_train_round(self, messages: list[Message], *, timeout: float | None = None) -> Aggregate | None:
+        """One train round under secure aggregation (+ DP); None when the privacy budget stops it."""
         if self.budget_exhausted:
-            return []
+            return None
         sample_rate = self._sample_rate(len(messages))
         if self.budget is not None:
             try:
                 self.budget.check_next_round(sample_rate)
             except PrivacyBudgetExceeded:
                 self.budget_exhausted = True
-                return []
+                return None
         self._round += 1
         start = time.perf_counter()
-        if self.settings.secure:
-            replies, stats = self._secure_round(messages, timeout if timeout is not None else self.settings.timeout)
-        else:
-            replies, stats = self._plain_round(messages, timeout if timeout is not None else self.settings.timeout)
-        stats.seconds = time.perf_counter() - start
+        timeout = timeout if timeout is not None else self.settings.timeout
+        round_fn = self._secure_round if self.settings.secure else self._plain_round
+        aggregate = round_fn(messages, timeout)
+        aggregate.stats.seconds = time.perf_counter() - start
         if self.budget is not None:
-            stats.privacy = self.budget.record_round(sample_rate)
-        self.history.append(stats)
-        return replies
+            aggregate.stats.privacy = self.budget.record_round(sample_rate)
+        self.history.append(aggregate.stats)
+        return aggregate
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """The Grid interface, for stock strategies: train rounds come back as aggregate replies."""
+        messages = list(messages)
+        is_train = bool(messages) and messages[0].metadata.message_type.startswith("train") and \
+            SECAGG_KEY not in messages[0].content.config_records
+        passthrough = self.settings.passthrough or _is_noop
+        if not is_train or passthrough(messages[0]):
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        aggregate = self.aggregate_train_round(messages, timeout=timeout)
+        if aggregate is None:
+            return []
+        array_key, sent_record = _single_array_record(messages[0].content)
+        sent = {name: np.asarray(a.numpy()) for name, a in sent_record.items()}
+        # the mean in the dtype the clients were sent (what the strategy would have averaged)
+        mean = {k: (v / aggregate.weight).astype(sent[k].dtype if k in sent else np.float32)
+                for k, v in aggregate.total.items()}
+        return _aggregate_replies(messages, set(aggregate.survivors), array_key, self._new_global(sent, mean))
 
     # ------------------------------------------------------------------------------------------
 
@@ -178,20 +214,39 @@ class SecureAggregationGrid:
         replies = self._grid.send_and_receive(out, timeout=timeout)
         return {r.metadata.src_node_id: r for r in replies if not r.has_error()}
 
-    def _secure_round(self, messages: list[Message], timeout: float | None) -> tuple[Message, RoundStats]:
-        settings, stage_seconds = self.settings, {}
-        array_key, sent_record = _single_array_record(messages[0].content)
-        sent = {name: np.asarray(a.numpy()) for name, a in sent_record.items()}
-        layout = self._layout(messages, sent)
+    def _secagg_config(self, messages: list[Message], layout: VectorLayout) -> SecAggConfig:
         n = len(messages)
-        if n < settings.threshold_for(n) or n < 2:
-            raise SecAggError(f"{n} clients sampled, below the threshold {settings.threshold_for(n)}")
-        config = SecAggConfig(threshold=settings.threshold_for(n), clip_range=self._clip_range(), max_clients=n,
-                              vector_length=layout.length, round_id=self._round)
+        if n < self.settings.threshold_for(n) or n < 2:
+            raise SecAggError(f"{n} clients sampled, below the threshold {self.settings.threshold_for(n)}")
+        return SecAggConfig(threshold=self.settings.threshold_for(n), clip_range=self._clip_range(), max_clients=n,
+                            vector_length=layout.length, round_id=self._round)
+
+    def _mask_contents(self, messages: list[Message], inbox: dict, node_of: dict[int, int],
+                       layout: VectorLayout) -> dict[int, RecordDict]:
+        """Stage 3's messages: the train message plus this client's shares, layout and DP settings."""
+        message_of = {m.metadata.dst_node_id: m for m in messages}
+        drop = {sorted(inbox)[i] for i in self._dropouts(len(inbox))}
+        contents = {}
+        for cid, shares in inbox.items():
+            content = _copy_content(message_of[node_of[cid]].content)
+            record = shares_record(STAGE_MASK, shares)
+            record["layout"] = layout_to_str(layout)
+            record["update_mode"] = self.settings.update_mode
+            record["simulate_drop"] = cid in drop
+            if self.settings.dp is not None:
+                record.update(dp_fields(self.settings.dp))
+            content[SECAGG_KEY] = record
+            contents[node_of[cid]] = content
+        return contents
+
+    def _secure_round(self, messages: list[Message], timeout: float | None) -> Aggregate:
+        stage_seconds: dict[str, float] = {}
+        _, sent_record = _single_array_record(messages[0].content)
+        layout = self._layout(messages, {name: np.asarray(a.numpy()) for name, a in sent_record.items()})
+        config = self._secagg_config(messages, layout)
         server = SecAggServer(config)
         node_of = {i + 1: m.metadata.dst_node_id for i, m in enumerate(messages)}
         id_of = {node: cid for cid, node in node_of.items()}
-        message_of = {m.metadata.dst_node_id: m for m in messages}
         template = messages[0]
 
         t0 = time.perf_counter()
@@ -208,21 +263,9 @@ class SecureAggregationGrid:
         stage_seconds["share"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        drop = {sorted(inbox)[i] for i in self._dropouts(len(inbox))}
-        contents = {}
-        for cid, shares in inbox.items():
-            content = _copy_content(message_of[node_of[cid]].content)
-            record = shares_record(STAGE_MASK, shares)
-            record["layout"] = layout_to_str(layout)
-            record["update_mode"] = settings.update_mode
-            record["simulate_drop"] = cid in drop
-            if settings.dp is not None:
-                record.update(dp_fields(settings.dp))
-            content[SECAGG_KEY] = record
-            contents[node_of[cid]] = content
-        replies = self._exchange(template, contents, timeout)
-        masked = [masked_from_reply(r.content)[0] for r in replies.values()]
-        survivors = server.collect_masked(masked)
+        replies = self._exchange(template, self._mask_contents(messages, inbox, node_of, layout), timeout)
+        bytes_up = sum(_record_bytes(r.content.array_records[MASKED_KEY]) for r in replies.values())
+        survivors = server.collect_masked([masked_from_reply(r.content)[0] for r in replies.values()])
         stage_seconds["mask"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -231,16 +274,16 @@ class SecureAggregationGrid:
         result = server.unmask([unmask_from_reply(r.content.config_records[SECAGG_KEY]) for r in replies.values()])
         stage_seconds["unmask"] = time.perf_counter() - t0
 
-        mean = self._release(result.total, len(result.survivors))
-        arrays = self._new_global(sent, unflatten_arrays(mean, layout))
-        survivor_nodes = {node_of[c] for c in result.survivors}
-        replies = _aggregate_replies(messages, survivor_nodes, array_key, arrays)
-        return replies, RoundStats(self._round, n, len(result.survivors), n - len(result.survivors), 0.0,
-                                 stage_seconds, result.n_clipped)
+        n, kept = len(messages), [node_of[c] for c in result.survivors]
+        stats = RoundStats(self._round, n, len(kept), n - len(kept), 0.0, stage_seconds, result.n_clipped,
+                           bytes_up=bytes_up)
+        return Aggregate(unflatten_arrays(self._release(result.total, len(kept)), _float64(layout)),
+                         float(len(kept)), kept,
+                         [node for node in id_of if node not in set(kept)], bytes_up, stats)
 
-    def _plain_round(self, messages: list[Message], timeout: float | None) -> tuple[Message, RoundStats]:
+    def _plain_round(self, messages: list[Message], timeout: float | None) -> Aggregate:
         """The same round without masking: clients send (DP-transformed) trained weights in the clear."""
-        array_key, sent_record = _single_array_record(messages[0].content)
+        _, sent_record = _single_array_record(messages[0].content)
         sent = {name: np.asarray(a.numpy()) for name, a in sent_record.items()}
         drop = self._dropouts(len(messages))
         out = []
@@ -255,21 +298,22 @@ class SecureAggregationGrid:
         replies = [r for r in self._grid.send_and_receive(out, timeout=timeout) if not r.has_error()]
         if not replies:
             raise SecAggError("no client replied to the train round")
-        total = None
+        total, bytes_up = None, 0
         for r in replies:
             _, trained = _single_array_record(r.content)
+            bytes_up += _record_bytes(trained)
             if self.settings.update_mode == UPDATE_DELTA:
                 update = {k: np.asarray(trained[k].numpy(), dtype=np.float64) - sent[k] for k in sent}
             else:
                 update = {k: np.asarray(a.numpy(), dtype=np.float64) for k, a in trained.items()}
             vector, layout = flatten_arrays(update)
             total = vector if total is None else total + vector
-        mean = self._release(total, len(replies))
-        arrays = self._new_global(sent, unflatten_arrays(mean, layout))
+        answered = [r.metadata.src_node_id for r in replies]
         stats = RoundStats(self._round, len(messages), len(replies), len(messages) - len(replies), 0.0,
-                           {"train": time.perf_counter() - t0})
-        answered = {r.metadata.src_node_id for r in replies}
-        return _aggregate_replies(messages, answered, array_key, arrays), stats
+                           {"train": time.perf_counter() - t0}, bytes_up=bytes_up)
+        return Aggregate(unflatten_arrays(self._release(total, len(replies)), layout), float(len(replies)), answered,
+                         [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in set(answered)],
+                         bytes_up, stats)
 
     def _layout(self, messages: list[Message], sent: dict[str, np.ndarray]) -> VectorLayout:
         for m in messages[1:]:
@@ -283,17 +327,27 @@ class SecureAggregationGrid:
         return layout(messages) if callable(layout) else layout
 
     def _release(self, total: np.ndarray, n_in_sum: int) -> np.ndarray:
+        """The sum as released to the server: with the server's share of DP noise when DP asks for it."""
         dp = self.settings.dp
         if dp is not None:
             check_noise_coverage(dp, n_in_sum)
             if dp.server_noise_std > 0:
                 total = total + np.random.default_rng().normal(0.0, dp.server_noise_std, size=total.shape)
-        return total / n_in_sum
+        return total
 
     def _new_global(self, sent: dict[str, np.ndarray], mean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.settings.update_mode == UPDATE_DIRECT:
             return {k: v.astype(np.float32) for k, v in mean.items()}
         return {k: (sent[k].astype(np.float64) + mean[k]).astype(sent[k].dtype) for k in sent}
+
+
+def _float64(layout: VectorLayout) -> VectorLayout:
+    """The same layout unflattened in float64: the sum keeps full precision until it is divided."""
+    return VectorLayout(tuple((name, shape, "float64") for name, shape, _ in layout.entries))
+
+
+def _record_bytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
 
 
 def _single_array_record(content: RecordDict) -> tuple[str, ArrayRecord]:

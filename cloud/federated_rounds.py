@@ -1,0 +1,270 @@
+"""The federated round loop of the cloud coordinator, and the ServerApp that runs it.
+
+One loop, `run_rounds`: configure (the strategy samples clients and sends each the global adapter at
+its rank) -> one exchange with the clients (plain, or secure aggregation when the grid is a
+`SecureAggregationGrid`) -> aggregate -> the method's non-linear step (`finalize`). `fedge simulate
+federated`, the privacy experiments and the demo all train through it.
+
+The loop is ours rather than Flower's `Strategy.start`, because a `FederatedRun` checkpoints after
+every round and resumes from one, counts bytes, evaluates the global adapter on every client's
+held-out text with the full-precision target, and measures the no-op round overhead first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.cloud.checkpoints import load_resume_checkpoint, save_checkpoint
+from fedge.cloud.federated_config import FederatedConfig
+from fedge.cloud.secagg_server import SecureAggregationGrid
+from fedge.cloud.strategies import LoraFedAvg, build_strategy, finalize, sample_partitions, to_record
+from fedge.peft_methods.aggregation import StateDict
+
+log = logging.getLogger("fedge.federated")
+
+# (round, new global adapter, its truncation error, the strategy's train metrics or None)
+AfterRound = Callable[[int, StateDict, float, MetricRecord | None], None]
+
+
+def train_round(grid: Grid, strategy: LoraFedAvg, config: FederatedConfig, state: StateDict,
+                server_round: int) -> tuple[StateDict, float, MetricRecord | None]:
+    """One training round; returns the new global adapter (unchanged if the round failed)."""
+    messages = strategy.configure_train(server_round, to_record(state), config.client_config(), grid)
+    if isinstance(grid, SecureAggregationGrid):
+        aggregate = grid.aggregate_train_round(list(messages), timeout=config.round_timeout)
+        new_arrays, metrics = strategy.aggregate_secure(server_round, aggregate)
+    else:
+        replies = grid.send_and_receive(messages, timeout=config.round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    if new_arrays is None:
+        return state, 0.0, metrics
+    new_state, truncation = finalize(config, new_arrays.to_torch_state_dict(), state)
+    return new_state, truncation, metrics
+
+
+def run_rounds(grid: Grid, strategy: LoraFedAvg, config: FederatedConfig, state: StateDict, first: int,
+               last: int, after_round: AfterRound | None = None) -> StateDict:
+    """Rounds `first`..`last` (stopping early if a secure grid's privacy budget is spent)."""
+    for server_round in range(first, last + 1):
+        if getattr(grid, "budget_exhausted", False):
+            log.warning("privacy budget exhausted: stopping before round %d", server_round)
+            break
+        state, truncation, metrics = train_round(grid, strategy, config, state, server_round)
+        if after_round is not None:
+            after_round(server_round, state, truncation, metrics)
+    return state
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """partition id -> node id, asked once from every node."""
+    deadline = time.time() + 120
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {expected} simulated nodes came up")
+        time.sleep(0.02)
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in nodes]
+    mapping = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed discovery: {reply.error.reason}")
+        pid = int(reply.content.metric_records["metrics"]["partition-id"])
+        mapping[pid] = reply.metadata.src_node_id
+    if len(mapping) != expected:
+        raise RuntimeError(f"discovery found {len(mapping)} of {expected} partitions")
+    return mapping
+
+
+def measure_overhead(grid: Grid, config: FederatedConfig, node_of_partition: dict[int, int],
+                     state: StateDict) -> list[float]:
+    """No-op rounds: the same messages and payloads as a training round, no work on the clients."""
+    record = to_record(state)
+    client_config = config.client_config()
+    client_config["noop"] = True
+    seconds = []
+    for i in range(config.noop_rounds):
+        pids = sample_partitions(config.seed + 7919, i, list(node_of_partition), config.clients_per_round)
+        messages = [Message(RecordDict({"arrays": record, "config": client_config}), message_type=MessageType.TRAIN,
+                            dst_node_id=node_of_partition[p]) for p in pids]
+        start = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        seconds.append(time.perf_counter() - start)
+        failed = [r.error.reason for r in replies if r.has_error()]
+        if failed or len(replies) != len(messages):
+            raise RuntimeError(f"no-op round failed: {failed or 'missing replies'}")
+    return seconds
+
+
+def overhead_s_per_round(times: list[float]) -> float | None:
+    """Median no-op round after the first (which also starts the Ray actors)."""
+    if not times:
+        return None
+    return statistics.median(times[1:]) if len(times) > 1 else times[0]
+
+
+class GlobalEvaluator:
+    """The global adapter on the full-precision target, on every (or a seeded sample of) client's held-out text."""
+
+    def __init__(self, config: FederatedConfig, corpus) -> None:
+        from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, pad_token_id
+
+        self.adapted = AdaptedModel(config.model, config.adapter_spec)
+        base = self.adapted.model.get_base_model()
+        self.model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        self.pad_id = pad_token_id(self.adapted.tokenizer)
+        clients = [c for c in corpus.clients if c.heldout]
+        if 0 < config.eval_clients < len(clients):  # many virtual clients: a fixed seeded sample
+            clients = random.Random(f"fedge-eval:{config.seed}").sample(clients, config.eval_clients)
+        self.windows = {c.name: eval_windows(c.heldout, self.adapted.tokenizer, config.eval_examples, config.seq_len)
+                        for c in clients}
+
+    def __call__(self, state: StateDict) -> dict:
+        from fedge.peft_methods.lora_model import mean_token_loss
+
+        self.adapted.set_state(state)
+        losses, tokens = {}, {}
+        for name, windows in self.windows.items():
+            if windows:
+                losses[name] = mean_token_loss(self.adapted.model, windows, self.pad_id)
+                tokens[name] = sum(len(w) - 1 for w in windows)
+        loss = sum(losses[n] * tokens[n] for n in losses) / sum(tokens.values())
+        worst = max(losses, key=losses.get)
+        return {"global_loss": loss, "global_perplexity": math.exp(loss), "client_loss": losses,
+                "worst_client": worst, "worst_client_loss": losses[worst],
+                "worst_client_perplexity": math.exp(losses[worst])}
+
+
+def round_record(strategy: LoraFedAvg, names: dict[int, str], metrics: MetricRecord | None) -> dict:
+    """What a round sent, received, accepted and rejected (the strategy's view of the round)."""
+    failed = [r for r in strategy.rejections if r.reason.startswith(("no reply", "client failed"))]
+    return {
+        "clients": [names[strategy.sent[n].partition_id] for n in strategy.sent],
+        "accepted": [names[p] for p in strategy.accepted],
+        "rejected": [{"client": names[r.partition_id], "reason": r.reason} for r in strategy.rejections],
+        "personal_loss": {names[p]: m["personal-loss"] for p, m in strategy.client_metrics.items()
+                          if "personal-loss" in m},
+        "train_loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None,
+        "bytes_down": strategy.bytes_down,
+        "bytes_up": strategy.bytes_up,
+        "bytes_up_per_client": strategy.bytes_up / max(1, len(strategy.sent) - len(failed)),
+        "bytes_down_per_client": strategy.bytes_down / max(1, len(strategy.sent)),
+        # ||aggregated update - sum_k p_k (B_k A_k - B_k0 A_k0)|| / ||...||, before any server optimiser
+        "aggregation_error": strategy.aggregation_error,
+    }
+
+
+def privacy_fields(grid: Grid) -> dict:
+    """Epsilon spent and secure-aggregation survivors, when the grid is a secure one."""
+    if not isinstance(grid, SecureAggregationGrid):
+        return {}
+    out = {}
+    if grid.privacy_log:
+        out["epsilon"] = grid.privacy_log[-1].epsilon
+    if grid.history:
+        out["secagg_survivors"] = grid.history[-1].survivors
+        out["secagg_dropped"] = grid.history[-1].dropped
+    return out
+
+
+@dataclass
+class FederatedResult:
+    records: list[dict] = field(default_factory=list)
+    final_state: StateDict = field(default_factory=dict)
+    overhead_rounds_s: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    model_bytes: int = 0
+    discovery_s: float = 0.0
+
+
+class FederatedRun:
+    """One federated run: the ServerApp's body, with its evaluator and checkpoints."""
+
+    def __init__(self, config: FederatedConfig, corpus, on_round: Callable[[dict], None] | None = None,
+                 grid_wrapper: Callable[[Grid], Grid] | None = None) -> None:
+        self.config = config
+        self.corpus = corpus
+        self.on_round = on_round
+        # wraps the grid for training rounds, e.g. fedge.cloud.secagg_server.SecureAggregationGrid
+        self.grid_wrapper = grid_wrapper
+        self.result = FederatedResult()
+        self.error: BaseException | None = None
+        self.checkpoint = load_resume_checkpoint(config) if config.resume else None
+
+    def server_app(self) -> ServerApp:
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                self.execute(grid)
+            except BaseException as exc:  # run_simulation only logs errors; keep it for the caller
+                self.error = exc
+                raise
+
+        return app
+
+    def execute(self, grid: Grid) -> None:
+        cfg = self.config
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = cfg.pull_interval  # Flower polls replies every 0.1 s by default
+        start = time.perf_counter()
+        node_of_partition = discover_partitions(grid, len(self.corpus.clients), cfg.round_timeout)
+        self.result.discovery_s = time.perf_counter() - start
+        evaluate = GlobalEvaluator(cfg, self.corpus)
+        self.result.model_bytes = evaluate.model_bytes
+        strategy = build_strategy(cfg, node_of_partition)
+        state, first_round = self._initial_state(evaluate, strategy)
+        self.result.overhead_rounds_s = measure_overhead(grid, cfg, node_of_partition, state)
+        if self.grid_wrapper is not None:
+            grid = self.grid_wrapper(grid)
+        if first_round == 1:
+            self._publish({"round": 0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": [],
+                           "rejected": []})
+        names = {i: c.name for i, c in enumerate(self.corpus.clients)}
+        round_start = time.perf_counter()
+
+        def after_round(server_round: int, state: StateDict, truncation: float, metrics) -> None:
+            nonlocal round_start
+            train_s = time.perf_counter() - round_start
+            eval_start = time.perf_counter()
+            self._publish({"round": server_round, **evaluate(state), **round_record(strategy, names, metrics),
+                           "truncation_error": truncation, "train_s": train_s,
+                           "eval_s": time.perf_counter() - eval_start, **privacy_fields(grid)})
+            self._checkpoint(server_round, state, strategy)
+            round_start = time.perf_counter()
+
+        self.result.final_state = run_rounds(grid, strategy, cfg, state, first_round, cfg.rounds, after_round)
+
+    def _initial_state(self, evaluate: GlobalEvaluator, strategy: LoraFedAvg) -> tuple[StateDict, int]:
+        """The adapter to start from and the first round: the seeded init, or the resumed checkpoint."""
+        if self.checkpoint is None:
+            return evaluate.adapted.get_state(), 1
+        state, strategy_arrays, payload = self.checkpoint
+        strategy.load_state_arrays(strategy_arrays)
+        self.result.records = payload["records"]
+        self.result.resumed_from = payload["round"]
+        log.warning("resuming after round %d from %s", payload["round"], self.config.checkpoint_dir)
+        return state, payload["round"] + 1
+
+    def _checkpoint(self, server_round: int, state: StateDict, strategy: LoraFedAvg) -> None:
+        cfg = self.config
+        if cfg.checkpoint_dir:
+            save_checkpoint(Path(cfg.checkpoint_dir), server_round, state, strategy, {
+                "round": server_round, "identity": cfg.identity(), "config": asdict(cfg),
+                "seed": cfg.seed, "records": self.result.records,
+            })
+
+    def _publish(self, record: dict) -> None:
+        self.result.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
