@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fedge.cli._lazy import run_lazily
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cloud = subparsers.add_parser("cloud", help="the cloud coordinator").add_subparsers(dest="action", required=True)
@@ -30,4 +28,15 @@ def _add_serve(cloud: argparse._SubParsersAction) -> None:
     serve.add_argument("--idle-timeout-s", type=float, default=300.0)
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
-    serve.set_defaults(func=run_lazily("fedge.cloud.serve"))
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedge.cloud.engine import Limits
+    from fedge.cloud.serve import ServeConfig, serve
+
+    limits = Limits(max_sessions=args.max_sessions, max_draft_len=args.max_draft_len,
+                    idle_timeout_s=args.idle_timeout_s, max_batch=args.max_batch)
+    return serve(ServeConfig(model=args.model, host=args.host, port=args.port, address=args.address,
+                             replicas=args.replicas, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
+                             max_message_bytes=args.max_message_bytes, adapters_dir=args.adapters, limits=limits))
