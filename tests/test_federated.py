@@ -173,3 +173,22 @@ def test_resume_refuses_a_different_run(corpus_path, tmp_path):
                     {"round": 1, "identity": other.identity(), "config": {}, "seed": 0, "records": []})
     with pytest.raises(ValueError, match="different run configuration"):
         run(replace(config, resume=True))
+
+
+def test_secure_aggregation_through_the_one_round_loop(corpus_path, tmp_path):
+    """The privacy path (secagg + DP mods on the ClientApp, the secure grid on the server) trains through
+    the same round loop; the strategy gets only the aggregate, and bytes up are the masked vectors."""
+    from fedge.simulations.federated import run_federated
+    from fedge.simulations.privacy import secure_grid_wrapper, secure_mods
+
+    config = make_config(corpus_path, tmp_path, clients_per_round=3, rounds=1, noop_rounds=0, checkpoint_dir=None)
+    corpus = load_corpus(config.data, config.partition, num_clients=config.num_clients, seed=config.seed)
+    result, _ = run_federated(config, corpus, grid_wrapper=secure_grid_wrapper(config), client_mods=secure_mods())
+    record = result.records[-1]
+    assert record["round"] == 1 and len(record["accepted"]) == 3 and not record["rejected"]
+    assert record["secagg_survivors"] == 3 and record["aggregation_error"] is None
+    # each client sent one masked vector: as many uint32 values as FFA's trained B entries (+ .npy header)
+    values = sum(v.numel() for k, v in result.final_state.items() if LORA_B in k)
+    assert record["bytes_up"] == 3 * (4 * values + 128)
+    assert record["global_loss"] != result.records[0]["global_loss"]
+    assert all(torch.isfinite(v).all() for v in result.final_state.values())
