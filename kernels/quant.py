@@ -9,12 +9,18 @@
 Activations run in bf16: torch's packed ops take a fast path only for bf16 on CPU (fp32 activations
 are 10-30x slower there), and the output is returned in the input's dtype.
 `dequantize()` gives the float weight each module represents, for references and tests.
+
+The packed weights are frozen buffers, but the layers are differentiable wrt their input
+(`fedge.kernels.quant_autograd`): LoRA trains on a draft through them. With grad off, or an input that
+needs no gradient, the forward is the bare packed op.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fedge.kernels.quant_autograd import int4_dequantize, int8_input_grad, packed_linear
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -38,16 +44,27 @@ class Int8Linear(nn.Module):
         module.scales.copy_(scales.to(COMPUTE_DTYPE))
         return module
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight, under the name peft's quantised-layer code reads a layer's device from."""
+        return self.weight_int8
+
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
+    def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if flat.device.type == "cpu":
+            return torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        # no packed op off the CPU here; the Triton kernel covers CUDA
+        return flat @ (self.weight_int8.to(COMPUTE_DTYPE) * self.scales[:, None]).T
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out @ W in fp32, for the backward through the frozen weight."""
+        return int8_input_grad(grad_out, self.weight_int8, self.scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
-        if flat.device.type == "cpu":
-            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        else:  # no packed op off the CPU here; the Triton kernel covers CUDA
-            out = flat @ (self.weight_int8.to(COMPUTE_DTYPE) * self.scales[:, None]).T
+        out = packed_linear(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,16 +102,32 @@ class Int4Linear(nn.Module):
         module.scales_and_zeros.copy_(sz.to(COMPUTE_DTYPE))
         return module
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight, under the name peft's quantised-layer code reads a layer's device from."""
+        return self.weight_int4
+
     def dequantize(self) -> torch.Tensor:
         # the packed layout is the op's own; reading it out through the op keeps one source of truth
         eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE)
         return torch._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group_size,
                                                  self.scales_and_zeros).float().T
 
+    def unpacked_weight(self) -> torch.Tensor:
+        """The same fp32 weight as `dequantize()`, unpacked directly (O(N K), not a K x K x N matmul)."""
+        return int4_dequantize(self.weight_int4, self.scales_and_zeros, self.out_features,
+                               self.in_features, self.group_size)
+
+    def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out @ W in fp32; W is rebuilt for this call and freed after it."""
+        return grad_out.float() @ self.unpacked_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
-        out = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+        out = packed_linear(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
