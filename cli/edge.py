@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from fedge.cli._lazy import run_lazily
+import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,4 +30,54 @@ def _add_generate(edge: argparse._SubParsersAction) -> None:
     edge_gen.add_argument("--jitter-ms", type=float, default=0.0)
     edge_gen.add_argument("--bandwidth-mbps", type=float, default=0.0)
     edge_gen.add_argument("--loss", type=float, default=0.0)
-    edge_gen.set_defaults(func=run_lazily("fedge.edge.client"))
+    edge_gen.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedge.edge.client import EdgeClient, EdgeConfig, EdgeError, NetworkProfile
+    from fedge.edge.draft import DraftError
+    from fedge.edge.local_generate import parse_k
+    from fedge.sampling import SamplingParams
+
+    try:
+        network = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss)
+        cfg = EdgeConfig(server=args.server, k_max=args.k_max, fixed_k=parse_k(args.k),
+                         reconcile_wait_s=args.reconcile_wait_s, network=network)
+        client = EdgeClient.from_draft_dir(args.server, args.draft, cfg)
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except (DraftError, ValueError) as exc:
+        print(f"fedge: {exc}", file=sys.stderr)
+        return 2
+    print(args.prompt, end="", flush=True)
+    try:
+        _, result = client.generate(args.prompt, args.max_new_tokens, params, args.seed, args.chat,
+                                    _printer(client.tokenizer))
+    except EdgeError as exc:
+        print(f"\nfedge: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print()
+    s = result.stats
+    spans = result.unverified_spans
+    print(f"[{len(result.token_ids)} tokens in {s.wall_s:.2f} s, {s.rounds} rounds, acceptance "
+          f"{s.acceptance_rate:.2f}, mean k {sum(s.ks) / max(1, len(s.ks)):.1f}; offline tokens {s.offline_tokens} "
+          f"({s.offline_kept} kept by the cloud), reconnects {s.reconnects}, "
+          f"{'all verified' if not spans else f'unverified spans {spans}'}]", file=sys.stderr)
+    return 0
+
+
+def _printer(tok):
+    """Prints text as the edge decides it: unverified text dimmed (or bracketed), rewrites announced."""
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("[unverified:", "]")
+
+    def show(kind: str, tokens: list[int]) -> None:
+        text = tok.decode(tokens, skip_special_tokens=True)
+        if kind == "verified":
+            print(text, end="", flush=True)
+        elif kind == "unverified":
+            print(dim + text + reset, end="", flush=True)
+        else:
+            print("\n[cloud is back; verified text so far:]\n" + text, end="", flush=True)
+
+    return show

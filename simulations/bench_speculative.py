@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from fedge.data import load_corpus
 from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
-from fedge.edge.speculative import autoregressive_generate
+from fedge.edge.local_generate import SpeculativeGenerator, parse_k
 from fedge.models import encode_prompt, load_model
-from fedge.simulations.generate import SpeculativeGenerator, parse_k
+from fedge.speculative import autoregressive_generate
 
 
 def default_data_dir() -> Path:
@@ -83,10 +83,8 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens: int, k: str,
-        json_path: str, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    target, tokenizer = load_model(target_name)
+def _load_drafts(target_name: str, target: torch.nn.Module, draft_specs: list[str]) -> dict:
+    """spec -> (draft model, DraftInfo); a recipe such as "int4" or "L12-int8" is built once and cached."""
     drafts = {}
     for spec in draft_specs:
         path = Path(spec)
@@ -98,62 +96,55 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
                 build_draft(DraftSpec(target=target_name, keep_layers=keep, quant=quant), path)
         model, _, info = load_draft(path, check_target=target)
         drafts[spec] = (model, info)
+    return drafts
 
-    domains = {"code": code_prompts(tokenizer, n_prompts, seed), "gsm8k": gsm8k_prompts(tokenizer, n_prompts, seed)}
-    fixed_k = parse_k(k)
-    methods = ["target", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts)]
-    totals = {(dom, m): MethodTotals() for dom in domains for m in methods}
-    work = [(dom, p) for dom, prompts in domains.items() for p in prompts]
-    for dom, prompt in tqdm(work, desc="bench speculative (prompts)"):
+
+def _run_prompt(target, tokenizer, drafts: dict, prompt: list[int], max_new_tokens: int, fixed_k: int | None,
+                totals: dict, dom: str) -> None:
+    """Every method on one prompt, back to back: target alone, then HF assisted and fedge per draft."""
+    t0 = time.perf_counter()
+    reference = _hf_generate(target, prompt, max_new_tokens)
+    rec = totals[(dom, "target")]
+    rec.seconds += time.perf_counter() - t0
+    rec.tokens += len(reference)
+    rec.target_calls += len(reference)
+    for name, (draft, _) in drafts.items():
         t0 = time.perf_counter()
-        reference = _hf_generate(target, prompt, max_new_tokens)
-        rec = totals[(dom, "target")]
+        assisted = _hf_generate(target, prompt, max_new_tokens, assistant=draft)
+        rec = totals[(dom, f"hf_assisted[{name}]")]
         rec.seconds += time.perf_counter() - t0
-        rec.tokens += len(reference)
-        rec.target_calls += len(reference)
-        for name, (draft, _) in drafts.items():
-            t0 = time.perf_counter()
-            assisted = _hf_generate(target, prompt, max_new_tokens, assistant=draft)
-            rec = totals[(dom, f"hf_assisted[{name}]")]
-            rec.seconds += time.perf_counter() - t0
-            rec.tokens += len(assisted)
-            rec.identical.append(assisted == reference)
+        rec.tokens += len(assisted)
+        rec.identical.append(assisted == reference)
 
-            gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer)
-            t0 = time.perf_counter()
-            out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
-            rec = totals[(dom, f"fedge[{name}]")]
-            rec.seconds += time.perf_counter() - t0
-            rec.tokens += len(out)
-            rec.target_calls += stats.rounds
-            rec.drafted += stats.drafted
-            rec.accepted += stats.accepted
-            rec.identical.append(out == reference)
-
-    # standalone decode speeds (one prompt, our own session loop), for the size/speed columns
-    probe = work[0][1]
-    speed = {}
-    for name, model in [("target", target), *((d, m) for d, (m, _) in drafts.items())]:
+        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer)
         t0 = time.perf_counter()
-        produced = autoregressive_generate(model, probe, 32)
-        speed[name] = len(produced) / (time.perf_counter() - t0)
+        out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
+        rec = totals[(dom, f"fedge[{name}]")]
+        rec.seconds += time.perf_counter() - t0
+        rec.tokens += len(out)
+        rec.target_calls += stats.rounds
+        rec.drafted += stats.drafted
+        rec.accepted += stats.accepted
+        rec.identical.append(out == reference)
 
-    def summary(method: str, doms: list[str]) -> dict:
-        recs = [totals[(d, method)] for d in doms if totals[(d, method)].tokens]
-        secs = sum(r.seconds for r in recs)
-        toks = sum(r.tokens for r in recs)
-        return {"seconds": secs, "tokens": toks, "tokens_per_s": toks / secs if secs else 0.0,
-                "target_calls": sum(r.target_calls for r in recs), "drafted": sum(r.drafted for r in recs),
-                "accepted": sum(r.accepted for r in recs), "identical": all(i for r in recs for i in r.identical)}
 
-    active = [d for d, prompts in domains.items() if prompts]
-    target_bytes = _model_bytes(target)
+def _summary(totals: dict, method: str, doms: list[str]) -> dict:
+    recs = [totals[(d, method)] for d in doms if totals[(d, method)].tokens]
+    secs = sum(r.seconds for r in recs)
+    toks = sum(r.tokens for r in recs)
+    return {"seconds": secs, "tokens": toks, "tokens_per_s": toks / secs if secs else 0.0,
+            "target_calls": sum(r.target_calls for r in recs), "drafted": sum(r.drafted for r in recs),
+            "accepted": sum(r.accepted for r in recs), "identical": all(i for r in recs for i in r.identical)}
+
+
+def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
+    """One row per draft and domain (and "all"): fedge against target-only and HF assisted."""
     rows = []
     for name, (_, info) in drafts.items():
         for doms, label in [([d], d) for d in active] + [(active, "all")]:
-            base = summary("target", doms)
-            hf = summary(f"hf_assisted[{name}]", doms)
-            ours = summary(f"fedge[{name}]", doms)
+            base = _summary(totals, "target", doms)
+            hf = _summary(totals, f"hf_assisted[{name}]", doms)
+            ours = _summary(totals, f"fedge[{name}]", doms)
             rows.append({
                 "draft": name, "domain": label,
                 "acceptance_rate": ours["accepted"] / ours["drafted"] if ours["drafted"] else 0.0,
@@ -169,6 +160,32 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
                 "draft_layers": info.keep_layers,
                 "draft_quant": info.quant,
             })
+    return rows
+
+
+def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens: int, k: str,
+        json_path: str, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    target, tokenizer = load_model(target_name)
+    drafts = _load_drafts(target_name, target, draft_specs)
+
+    domains = {"code": code_prompts(tokenizer, n_prompts, seed), "gsm8k": gsm8k_prompts(tokenizer, n_prompts, seed)}
+    fixed_k = parse_k(k)
+    methods = ["target", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts)]
+    totals = {(dom, m): MethodTotals() for dom in domains for m in methods}
+    work = [(dom, p) for dom, prompts in domains.items() for p in prompts]
+    for dom, prompt in tqdm(work, desc="bench speculative (prompts)"):
+        _run_prompt(target, tokenizer, drafts, prompt, max_new_tokens, fixed_k, totals, dom)
+
+    # standalone decode speeds (one prompt, our own session loop), for the size/speed columns
+    probe = work[0][1]
+    speed = {}
+    for name, model in [("target", target), *((d, m) for d, (m, _) in drafts.items())]:
+        t0 = time.perf_counter()
+        produced = autoregressive_generate(model, probe, 32)
+        speed[name] = len(produced) / (time.perf_counter() - t0)
+
+    rows = _rows(totals, drafts, [d for d, prompts in domains.items() if prompts])
     primary = next(r for r in rows if r["draft"] == draft_specs[0] and r["domain"] == "all")
     report = {
         "target": target_name,
@@ -179,7 +196,7 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
         **{key: primary[key] for key in ("acceptance_rate", "tokens_per_target_call", "speedup_vs_target",
                                          "speedup_vs_hf_assisted", "greedy_identical", "draft_bytes")},
         "greedy_identical": all(r["greedy_identical"] for r in rows),
-        "target_bytes": target_bytes,
+        "target_bytes": _model_bytes(target),
         "draft_tokens_per_s": speed[draft_specs[0]],
         "target_tokens_per_s": speed["target"],
         "standalone_tokens_per_s": speed,

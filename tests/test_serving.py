@@ -16,11 +16,12 @@ import psutil
 import pytest
 import torch
 
-from fedge.edge.client import EdgeClient, EdgeConfig, EdgeError, fetch_adapter
-from fedge.edge.speculative import autoregressive_generate
+from fedge.edge.adapter_fetch import fetch_adapter
+from fedge.edge.client import EdgeClient, EdgeConfig, EdgeError
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 from fedge.sampling import SamplingParams
+from fedge.speculative import autoregressive_generate
 
 MAX_DRAFT = 8
 MAX_MESSAGE = 64 * 1024

@@ -7,15 +7,15 @@ import torch
 
 from fedge.cached_sequence import CachedSequence
 from fedge.edge.draft import DraftError, DraftSpec, build_draft, load_draft
-from fedge.edge.speculative import (
+from fedge.edge.drafter import Drafter
+from fedge.kernels.verify import verify_reference
+from fedge.sampling import SamplingParams, sampling_probs
+from fedge.speculative import (
     DraftLengthController,
-    DraftSession,
     autoregressive_generate,
     expected_tokens_per_round,
     speculative_generate,
 )
-from fedge.kernels.verify import verify_reference
-from fedge.sampling import SamplingParams, sampling_probs
 from fedge.verifier_session import TargetVerifierSession
 
 GREEDY = SamplingParams()
@@ -38,7 +38,7 @@ def _noisy_copy(model, scale, seed=0):
 
 def _speculative(target, draft, prompt, n, params=GREEDY, k=None, seed=0):
     verifier = TargetVerifierSession(target, prompt, params, seed=seed)
-    drafter = DraftSession(draft, prompt, params, seed=seed)
+    drafter = Drafter(draft, prompt, params, seed=seed)
     return speculative_generate(drafter, verifier, n, DraftLengthController(fixed_k=k))
 
 
@@ -250,3 +250,36 @@ def test_global_adapter_folds_into_quantised_draft(tiny, tmp_path):
         after = (draft(ids).logits.float() - want).abs().mean()
     assert after < 0.5 * before
     assert after < 2 * base_gap + 1e-3
+
+
+@pytest.mark.parametrize("draft_kind", ["self", "random"])
+def test_unverified_tokens_are_reconciled_by_the_shared_loop(tiny, draft_kind):
+    """Tokens drafted while the verifier was away are the next proposals: the target keeps or
+    replaces them, the text ends as the target's own, and what was shown is confirmed or rewritten."""
+    from fedge.edge.client_types import EdgeStats
+    from fedge.edge.offline_drafting import Transcript
+
+    target, tok = tiny
+    draft = target if draft_kind == "self" else _noisy_copy(target, 0.5)
+    prompt = _prompts(tok, 3)[2]
+    drafter = Drafter(draft, prompt, GREEDY)
+    stats, events = EdgeStats(), []
+    transcript = Transcript(stats, lambda kind, tokens: events.append((kind, list(tokens))))
+    offline = drafter.draft_unverified(6)
+    transcript.add_unverified(offline, drafted_offline=True)
+    assert drafter.unverified_ids == offline and drafter.tokens == prompt + offline
+    verifier = TargetVerifierSession(target, prompt, GREEDY)
+    result = speculative_generate(drafter, verifier, 16, DraftLengthController(fixed_k=2),
+                                  on_tokens=transcript.add_verified)
+    reference = autoregressive_generate(target, prompt, 16)
+    assert result.token_ids == reference and transcript.shown == reference
+    assert drafter.unverified == [] and drafter.tokens == prompt + reference
+    kept = next((i for i, (a, b) in enumerate(zip(offline, reference[:6], strict=True)) if a != b), 6)
+    assert stats.offline_kept == kept
+    if draft_kind == "self":
+        assert kept == 6 and result.stats.rounds == 6  # two rounds confirm the six offline tokens
+        assert [kind for kind, _ in events] == ["unverified"] + ["verified"] * 4
+    else:
+        rewrites = [tokens for kind, tokens in events if kind == "rewrite"]
+        assert kept < 6 and len(rewrites) == 1  # the first rejected offline token rewrites the rest
+        assert kept < len(rewrites[0]) and rewrites[0] == reference[: len(rewrites[0])]

@@ -1,0 +1,88 @@
+"""The cloud's verifier, seen from the edge: `fedge.speculative.Verifier` over the Verify RPC.
+
+The cloud holds a `TargetVerifierSession` per generation; this object is its edge-side handle. A
+round sends the draft's ids (and, when sampling, the sparse q they were drawn from) and gets back
+how many the target keeps plus its next token. The session is opened on the first round; if the
+cloud lost it (restart, idle expiry) it is reopened with the prompt plus the verified tokens, the
+only state a new cloud lacks. A transient failure raises `CloudUnreachable`: what to do then
+(draft on, reconcile later) is `fedge.edge.offline_drafting`'s business, not this transport's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from fedge.edge.client_types import EdgeError, EdgeStats
+from fedge.edge.cloud_link import SESSION_LOST, TRANSIENT, CloudLink
+from fedge.edge.drafter import SparseQ
+from fedge.protocol import fedge_pb2
+from fedge.speculative import VerifyReply
+
+
+class CloudUnreachable(Exception):
+    """The cloud did not answer (a transient gRPC status): it may come back."""
+
+
+class RemoteVerifier:
+    """Implements `fedge.speculative.Verifier` against the cloud's session for one generation.
+
+    `open_request` carries everything but the prompt (fingerprints, adapter, sampling, seed);
+    `tokens` is the prompt plus every token the target has verified, as on the cloud."""
+
+    def __init__(self, link: CloudLink, open_request: fedge_pb2.OpenSessionRequest, prompt_ids: list[int],
+                 k_max: int, stats: EdgeStats):
+        self.link = link
+        self.open_request = open_request
+        self.tokens: list[int] = list(prompt_ids)
+        self.k_max = k_max
+        self.max_draft_len = k_max  # the cloud's limit, once a session is open
+        self.session_id: str | None = None
+        self.stats = stats
+
+    def open(self) -> None:
+        request = fedge_pb2.OpenSessionRequest()
+        request.CopyFrom(self.open_request)
+        request.ClearField("prompt_ids")
+        request.prompt_ids.extend(self.tokens)
+        reply = self.link.call("OpenSession", request)
+        self.session_id = reply.session_id
+        self.max_draft_len = min(reply.max_draft_len, self.k_max)
+        if self.stats.rounds or self.stats.reconnects:
+            self.stats.reopened += 1
+
+    def verify(self, draft_ids: list[int], draft_q: list[SparseQ] | None = None) -> VerifyReply:
+        while True:
+            try:
+                if self.session_id is None:
+                    self.open()
+                request = fedge_pb2.VerifyRequest(
+                    session_id=self.session_id, position=len(self.tokens), draft_ids=draft_ids,
+                    draft_q=[fedge_pb2.SparseDist(ids=i, probs=p) for i, p in draft_q or []])
+                start = time.perf_counter()
+                reply = self.link.call("Verify", request)
+                round_s = time.perf_counter() - start
+                break
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in SESSION_LOST:
+                    self.session_id = None  # reopen with the verified prefix and resend the round
+                    continue
+                if code not in TRANSIENT:
+                    raise EdgeError(f"cloud refused the request: {code.name}: {exc.details()}") from None
+                raise CloudUnreachable(code.name) from None
+        self.tokens.extend(list(draft_ids[:reply.n_accepted]) + [reply.next_id])
+        self.stats.rounds += 1
+        self.stats.round_s += round_s
+        self.stats.batch_sizes.append(reply.batch_size)
+        return VerifyReply(n_accepted=reply.n_accepted, next_id=reply.next_id, verify_s=round_s)
+
+    def close(self) -> None:
+        if self.session_id is None:
+            return
+        try:
+            self.link.call("CloseSession", fedge_pb2.CloseSessionRequest(session_id=self.session_id), 2.0)
+        except grpc.RpcError:
+            pass  # the cloud expires idle sessions anyway
+        self.session_id = None
