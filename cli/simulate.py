@@ -71,6 +71,12 @@ def _add_federated_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
     parser.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam eta")
+    parser.add_argument("--client-model", default=d.client_model, choices=["draft", "target"],
+                        help="clients train LoRA on their compressed draft (frozen packed weights) or the fp32 "
+                             "target; evaluation runs on the target either way")
+    parser.add_argument("--draft-quant", default=d.draft_quant, choices=["int4", "int8", "none"])
+    parser.add_argument("--draft-layers", type=int, default=d.draft_layers,
+                        help="train on a truncated draft of this many layers (0 = every layer)")
 
 
 def _federated_config(args: argparse.Namespace, method: str, num_clients: int):
@@ -86,7 +92,8 @@ def _federated_config(args: argparse.Namespace, method: str, num_clients: int):
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, proximal_mu=args.proximal_mu,
         server_lr=args.server_lr, eval_examples=args.eval_examples, eval_clients=args.eval_clients, seed=args.seed,
         round_timeout=args.round_timeout, min_clients=args.min_clients, noop_rounds=args.noop_rounds,
-        faults=args.faults, checkpoint_dir=str(checkpoints / method), resume=args.resume)
+        faults=args.faults, checkpoint_dir=str(checkpoints / method), resume=args.resume,
+        client_model=args.client_model, draft_quant=args.draft_quant, draft_layers=args.draft_layers)
 
 
 def _federated(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from fedge.peft_methods.config import METHODS, AdapterSpec, MethodSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+CLIENT_MODELS = ("draft", "target")  # what a client trains on (fedge.edge.training_model)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class FederatedConfig:
     noop_rounds: int = 3  # no-op rounds before training, to measure the simulation's overhead
     faults: str = ""  # simulations only: "PID:KIND,..." clients that misbehave (fedge.simulations.faults)
     threads_per_client: int = 1
+    client_model: str = "draft"  # clients train on their compressed draft, or on the fp32 target
+    draft_quant: str = "int4"  # the draft's quantisation (int4 | int8 | none)
+    draft_layers: int = 0  # a truncated draft of this many layers (weaker phones); 0 keeps every layer
     pull_interval: float = 0.01  # InMemoryGrid polling (Flower's default 0.1 s)
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -53,6 +57,11 @@ class FederatedConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         if not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(f"--clients-per-round must be in 1..{self.num_clients}, got {self.clients_per_round}")
+        if self.client_model not in CLIENT_MODELS:
+            raise ValueError(f"--client-model must be one of {CLIENT_MODELS}, got {self.client_model!r}")
+        if self.draft_quant not in ("int4", "int8", "none") or self.draft_layers < 0:
+            raise ValueError(f"--draft-quant must be int4, int8 or none and --draft-layers >= 0 "
+                             f"(got {self.draft_quant!r}, {self.draft_layers})")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("--rounds and --steps must be >= 1")
 
@@ -82,4 +91,5 @@ class FederatedConfig:
             "global-rank": self.rank, "scale": self.scale, "targets": self.targets, "peft": self.peft,
             "steps": self.steps, "batch-size": self.batch_size, "seq-len": self.seq_len, "lr": self.lr,
             "eval-examples": self.eval_examples, "threads": self.threads_per_client,
+            "client-model": self.client_model, "draft-quant": self.draft_quant, "draft-layers": self.draft_layers,
         })

@@ -137,10 +137,13 @@ def quantized_state_dict(model: nn.Module, quant: str, group_size: int) -> dict[
     return state
 
 
-def load_draft(path: str | Path, check_target=None):
+def load_draft(path: str | Path, check_target=None, float_dtype: torch.dtype = COMPUTE_DTYPE):
     """Load (draft_model, tokenizer, info) from a draft directory in a few seconds.
 
     `check_target`, if given, is the target model: its fingerprint must match the draft's.
+    `float_dtype`: what the unquantised parts (norms, attention, embedding rows) compute in. bf16 is
+    the packed ops' fast path for inference; training passes fp32, because CPUs without bf16 units
+    emulate bf16 element-wise ops slowly (the packed matmuls still take bf16 inputs either way).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +164,7 @@ def load_draft(path: str | Path, check_target=None):
         model.load_state_dict(state, strict=False)
         model.tie_weights()
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
+        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
         for name in _linear_names(model):
             parent_name, child = name.rsplit(".", 1)
             old = model.get_submodule(name)
@@ -169,7 +172,7 @@ def load_draft(path: str | Path, check_target=None):
                     empty_quantized_linear(old.in_features, old.out_features, info.quant, info.group_size))
         head = Int8Linear(config.hidden_size, config.vocab_size)
         model.lm_head = head
-        model.model.embed_tokens = QuantizedEmbedding(head)
+        model.model.embed_tokens = QuantizedEmbedding(head, float_dtype)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("inv_freq")]
         if missing or unexpected:

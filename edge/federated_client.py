@@ -27,13 +27,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+from fedge.edge.training_model import load_training_model, served_model
 from fedge.peft_methods.aggregation import adapter_rank, client_delta
 from fedge.peft_methods.config import AdapterSpec, MethodSpec
 from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
 
 # ------------------------------------------------------------- per-process state (reused by Ray actors)
 
-_MODELS: dict[tuple, AdaptedModel] = {}
 _CORPORA: dict[tuple, object] = {}
 
 
@@ -48,17 +48,16 @@ def _runtime(config: ConfigRecord) -> tuple[AdaptedModel, object]:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     spec = adapter_spec_from(config)
-    model_key = (str(config["model"]), spec)
-    if model_key not in _MODELS:
-        _MODELS.clear()  # one base model per actor process
-        _MODELS[model_key] = AdaptedModel(str(config["model"]), spec)
+    adapted = load_training_model(str(config["model"]), spec, client_model=str(config.get("client-model", "target")),
+                                  quant=str(config.get("draft-quant", "int4")),
+                                  keep_layers=int(config.get("draft-layers", 0)) or None)
     data_key = (str(config["data"]), str(config["partition"]), int(config["num-clients"]), int(config["seed"]))
     if data_key not in _CORPORA:
         from fedge.data import load_corpus
 
         _CORPORA.clear()
         _CORPORA[data_key] = load_corpus(data_key[0], data_key[1], num_clients=data_key[2], seed=data_key[3])
-    return _MODELS[model_key], _CORPORA[data_key]
+    return adapted, _CORPORA[data_key]
 
 
 # ------------------------------------------------------------- the ClientApp
@@ -101,10 +100,13 @@ def train(msg: Message, context: Context) -> Message:
                          seed=(seed, server_round, pid))
     metrics = {"num-examples": len(client.train), "partition-id": pid, "rank": rank,
                "train-loss": result.loss, "train-tokens": result.tokens}
+    trained = adapted.get_state(rank, fill_from=state)  # a truncated draft: received values for dropped layers
     windows = eval_windows(client.heldout, adapted.tokenizer, int(config["eval-examples"]), train_config.seq_len)
-    if windows:  # the personalised adapter (just trained) on this client's own held-out text
-        metrics["personal-loss"] = mean_token_loss(adapted.model, windows, pad_token_id(adapted.tokenizer))
-    update = client_delta(adapted.get_state(rank), state, method.trains)
+    if windows:  # the personalised adapter (just trained) on this client's own held-out text, on the target
+        served = served_model(adapted.model_name, adapted.spec)
+        served.set_state(trained, rank)
+        metrics["personal-loss"] = mean_token_loss(served.model, windows, pad_token_id(served.tokenizer))
+    update = client_delta(trained, state, method.trains)
     metrics["train-s"] = time.perf_counter() - started
     return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)

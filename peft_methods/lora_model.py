@@ -3,6 +3,11 @@
 Shared by the edge trainer and the cloud evaluator so both see the same adapter shapes and the same
 evaluation text. One base model carries one named peft adapter per rank (`r8`, `r4`, ...), so a
 process serving heterogeneous-rank clients loads the base weights once.
+
+The base may be given pre-loaded with its own LoRA config factory: an edge client trains on its
+quantised draft (`fedge.edge.training_model`) with `quantized_lora.draft_lora_config`, and the
+adapter keeps the target's keys and shapes. A truncated draft lacks the layers it dropped;
+`get_state(fill_from=received)` completes its state with the received values for those.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,32 +31,43 @@ def adapter_name(rank: int) -> str:
 class AdaptedModel:
     """A base causal LM with peft LoRA adapters of the ranks asked for (created lazily)."""
 
-    def __init__(self, model_name: str, spec: AdapterSpec) -> None:
+    def __init__(self, model_name: str, spec: AdapterSpec, base_and_tokenizer: tuple | None = None,
+                 config_factory: Callable[[AdapterSpec, int | None], object] = lora_config) -> None:
+        """`base_and_tokenizer`: a pre-loaded (model, tokenizer), e.g. a draft (default: `load_model`);
+        `config_factory(spec, rank)`: the peft config of an adapter (default: `config.lora_config`)."""
         from peft import get_peft_model
 
-        from fedge.models import load_model
+        if base_and_tokenizer is None:
+            from fedge.models import load_model
 
-        base, self.tokenizer = load_model(model_name)
+            base_and_tokenizer = load_model(model_name)
+        base, self.tokenizer = base_and_tokenizer
         self.model_name = model_name
         self.spec = spec
+        self.config_factory = config_factory
         torch.manual_seed(spec.init_seed)  # the shared seeded init of A, identical everywhere
-        self.model = get_peft_model(base, lora_config(spec), adapter_name=adapter_name(spec.rank))
+        self.model = get_peft_model(base, config_factory(spec, None), adapter_name=adapter_name(spec.rank))
         self.ranks = {spec.rank}
         self.model.eval()
 
     def use_rank(self, rank: int) -> None:
         if rank not in self.ranks:
             torch.manual_seed(self.spec.init_seed)
-            self.model.add_adapter(adapter_name(rank), lora_config(self.spec, rank))
+            self.model.add_adapter(adapter_name(rank), self.config_factory(self.spec, rank))
             self.ranks.add(rank)
         self.model.set_adapter(adapter_name(rank))
 
-    def get_state(self, rank: int | None = None) -> StateDict:
+    def get_state(self, rank: int | None = None, fill_from: StateDict | None = None) -> StateDict:
+        """The adapter's tensors; keys this model lacks (a truncated draft's dropped layers) are
+        taken from `fill_from` when given, so the state has the full adapter's keys."""
         from peft import get_peft_model_state_dict
 
         name = adapter_name(rank or self.spec.rank)
-        return {k: v.detach().clone() for k, v in
-                get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        state = {k: v.detach().clone() for k, v in
+                 get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        for key, value in (fill_from or {}).items():
+            state.setdefault(key, value.detach().clone())
+        return state
 
     def set_state(self, state: StateDict, rank: int | None = None) -> None:
         from peft import set_peft_model_state_dict

@@ -192,3 +192,22 @@ def test_secure_aggregation_through_the_one_round_loop(corpus_path, tmp_path):
     assert record["bytes_up"] == 3 * (4 * values + 128)
     assert record["global_loss"] != result.records[0]["global_loss"]
     assert all(torch.isfinite(v).all() for v in result.final_state.values())
+
+
+def test_a_round_trained_on_a_truncated_int4_draft(corpus_path, tmp_path):
+    """`--client-model draft --draft-layers 1`: clients train on a one-layer int4 draft of the
+    four-layer target; the update for the kept layer moves, the dropped layers' stay at the global
+    values (FFA: B stays zero), and the cloud evaluates the full adapter on the target."""
+    from fedge.edge.draft import default_draft_dir
+
+    config = make_config(corpus_path, tmp_path, rounds=1, noop_rounds=0, client_model="draft", draft_layers=1)
+    assert config.client_config()["client-model"] == "draft"
+    result = run(config)
+    record = result.records[-1]
+    assert len(record["accepted"]) == 2 and not record["rejected"]
+    assert set(record["personal_loss"]) == set(record["accepted"])
+    assert record["global_loss"] != result.records[0]["global_loss"]
+    assert (default_draft_dir("tiny-random-llama", 1, "int4") / "draft.json").is_file()
+    b_moved = {k: bool(torch.any(v != 0)) for k, v in result.final_state.items() if LORA_B in k}
+    assert len(b_moved) == 4 * 2  # every layer of the target has its keys
+    assert all(moved == (".layers.0." in k) for k, moved in b_moved.items()), b_moved

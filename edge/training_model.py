@@ -1,0 +1,102 @@
+"""The model an edge client trains LoRA on, loaded once per process: its compressed draft, or the target.
+
+A phone already holds an int4 draft of the target for speculative decoding (95 MB for the default
+model, against 538 MB for the fp32 target); training the federation's adapter on that draft, with
+its packed weights frozen (QLoRA-style, `fedge.peft_methods.quantized_lora`), means a phone never
+loads the full model. The adapter keeps the target's keys and shapes, so the cloud aggregates and
+serves it on the target unchanged.
+
+    from fedge.edge.training_model import load_training_model
+    adapted = load_training_model("smollm2-135m-instruct", spec)            # int4 draft, every layer
+    adapted = load_training_model(name, spec, client_model="target")       # the fp32 target
+    adapted = load_training_model(name, spec, keep_layers=12)              # a truncated draft
+
+The call is cached per process (a Flower ClientApp calls it on every message; Ray actors and
+SuperNodes keep their process), keyed by everything that changes the model. A missing draft is
+built once into the fedge cache (`fedge.edge.draft.default_draft_dir`), atomically, so concurrent
+clients on one machine do not race.
+
+Evaluation stays on the target as served: `served_model` gives the fp32 target with the same
+adapter layout (the same object when the client trains the target).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedge.peft_methods.config import AdapterSpec
+from fedge.peft_methods.lora_model import AdaptedModel
+
+CLIENT_MODELS = ("draft", "target")
+
+# (model, spec, client model, quant, keep layers, draft dir) -> model; at most a trained model and
+# the served target live in one process
+_CACHE: dict[tuple, AdaptedModel] = {}
+_MAX_CACHED = 2
+
+
+def load_training_model(model_name: str, spec: AdapterSpec, client_model: str = "draft", quant: str = "int4",
+                        keep_layers: int | None = None, draft_dir: str | Path | None = None) -> AdaptedModel:
+    """An `AdaptedModel` (peft LoRA of `spec`) over the model this client trains, cached per process.
+
+    client_model: "draft" (the target's compressed draft: `quant` int4|int8|none, the first
+    `keep_layers` layers or all of them, read from `draft_dir` or from the fedge cache, built there
+    if missing) or "target" (the fp32 target; `quant`/`keep_layers`/`draft_dir` are ignored).
+    """
+    if client_model not in CLIENT_MODELS:
+        raise ValueError(f"client_model must be one of {CLIENT_MODELS}, got {client_model!r}")
+    if client_model == "target":
+        key: tuple = (model_name, spec, "target")
+    else:
+        key = (model_name, spec, "draft", quant, keep_layers, str(draft_dir) if draft_dir else None)
+    if key not in _CACHE:
+        if len(_CACHE) >= _MAX_CACHED:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest: a process trains one model at a time
+        _CACHE[key] = (AdaptedModel(model_name, spec) if client_model == "target"
+                       else _adapted_draft(model_name, spec, quant, keep_layers, draft_dir))
+    return _CACHE[key]
+
+
+def served_model(model_name: str, spec: AdapterSpec) -> AdaptedModel:
+    """The fp32 target with `spec`'s adapter layout: what the cloud serves, for evaluations."""
+    return load_training_model(model_name, spec, client_model="target")
+
+
+def _adapted_draft(model_name: str, spec: AdapterSpec, quant: str, keep_layers: int | None,
+                   draft_dir: str | Path | None) -> AdaptedModel:
+    from fedge.edge.draft import load_draft
+    from fedge.models import resolve_model
+    from fedge.peft_methods.quantized_lora import draft_lora_config
+
+    path = Path(draft_dir) if draft_dir else ensure_draft(model_name, quant, keep_layers)
+    # fp32 norms/attention: this code trains on CPUs without bf16 units (see load_draft)
+    draft, tokenizer, info = load_draft(path, float_dtype=torch.float32)
+    if resolve_model(info.target) != resolve_model(model_name):
+        raise ValueError(f"{path} is a draft of {info.target}, not of {model_name}")
+    draft.requires_grad_(False)
+    return AdaptedModel(model_name, spec, base_and_tokenizer=(draft, tokenizer), config_factory=draft_lora_config)
+
+
+def ensure_draft(model_name: str, quant: str = "int4", keep_layers: int | None = None) -> Path:
+    """The cached draft directory of `model_name`, built (once, atomically) if it is missing."""
+    from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir
+
+    path = default_draft_dir(model_name, keep_layers, quant)
+    if (path / "draft.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build_draft(DraftSpec(target=model_name, keep_layers=keep_layers, quant=quant), staging, progress=False)
+        try:
+            staging.rename(path)
+        except OSError:  # another process finished first: use its copy
+            if not (path / "draft.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
