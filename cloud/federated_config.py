@@ -49,6 +49,15 @@ class FederatedConfig:
     pull_interval: float = 0.01  # InMemoryGrid polling (Flower's default 0.1 s)
     checkpoint_dir: str | None = None
     resume: bool = False
+    # deployment (Flower's deployment engine; the simulation uses the same ServerApp)
+    min_nodes: int = 0  # wait for this many connected nodes before round 1; 0 = num_clients
+    wait_nodes_s: float = 300.0  # give up if they have not connected by then
+    server_eval_data: str = ""  # a held-out set the server itself owns (a data source), besides federated eval
+    secagg: bool = False  # train rounds under secure aggregation (fedge.cloud.secagg_server)
+    secagg_threshold: float = 0.6
+    publish_registry: str = ""  # publish each accepted adapter, signed, into this registry (fedge cloud serve)
+    publish_signing_key: str = ""
+    publish_every: str = "end"  # "round" (after each accepted round) or "end"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +71,8 @@ class FederatedConfig:
         if self.draft_quant not in ("int4", "int8", "none") or self.draft_layers < 0:
             raise ValueError(f"--draft-quant must be int4, int8 or none and --draft-layers >= 0 "
                              f"(got {self.draft_quant!r}, {self.draft_layers})")
+        if self.publish_every not in ("round", "end"):
+            raise ValueError(f"publish_every must be 'round' or 'end', got {self.publish_every!r}")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("--rounds and --steps must be >= 1")
 
@@ -77,7 +88,8 @@ class FederatedConfig:
 
     def identity(self) -> str:
         """What must match for `--resume` to continue a checkpoint (not rounds, faults, timing)."""
-        skip = {"rounds", "resume", "checkpoint_dir", "noop_rounds", "faults", "round_timeout", "pull_interval"}
+        skip = {"rounds", "resume", "checkpoint_dir", "noop_rounds", "faults", "round_timeout", "pull_interval",
+                "min_nodes", "wait_nodes_s", "publish_registry", "publish_signing_key", "publish_every"}
         items = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -85,11 +97,40 @@ class FederatedConfig:
         """The per-message config every client reads (a Flower ConfigRecord)."""
         from flwr.app import ConfigRecord
 
-        return ConfigRecord({
-            "model": self.model, "data": self.data, "partition": self.partition,
-            "num-clients": self.num_clients, "seed": self.seed, "method": self.method,
+        return ConfigRecord({  # the run's settings only: a device's data comes from its own node config
+            "model": self.model, "seed": self.seed, "method": self.method,
             "global-rank": self.rank, "scale": self.scale, "targets": self.targets, "peft": self.peft,
             "steps": self.steps, "batch-size": self.batch_size, "seq-len": self.seq_len, "lr": self.lr,
             "eval-examples": self.eval_examples, "threads": self.threads_per_client,
             "client-model": self.client_model, "draft-quant": self.draft_quant, "draft-layers": self.draft_layers,
         })
+
+
+RUN_CONFIG_PREFIX = "fedge."
+
+
+def to_run_config(config: FederatedConfig) -> dict[str, bool | int | float | str]:
+    """The run config of a Flower app (`[tool.flwr.app.config]`, `flwr run --run-config`): one dotted
+    key per option, `fedge.clients-per-round = 5`; None is written as ""."""
+    return {RUN_CONFIG_PREFIX + k.replace("_", "-"): "" if v is None else v for k, v in asdict(config).items()}
+
+
+def from_run_config(run_config: dict) -> FederatedConfig:
+    """The FederatedConfig of a Flower run (`context.run_config`); unknown `fedge.` keys are an error,
+    missing ones keep their defaults."""
+    fields = FederatedConfig.__dataclass_fields__
+    values = {}
+    for key, value in run_config.items():
+        if not key.startswith(RUN_CONFIG_PREFIX):
+            continue
+        name = key[len(RUN_CONFIG_PREFIX):].replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"unknown run config key {key!r}")
+        default = fields[name].default
+        if name == "checkpoint_dir":
+            values[name] = str(value) or None
+        elif isinstance(default, bool):
+            values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        else:
+            values[name] = type(default)(value)
+    return FederatedConfig(**values)

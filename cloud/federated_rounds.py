@@ -1,4 +1,4 @@
-"""The federated round loop of the cloud coordinator, and the ServerApp that runs it.
+"""The federated round loop of the cloud coordinator, and the run the ServerApp executes.
 
 One loop, `run_rounds`: configure (the strategy samples clients and sends each the global adapter at
 its rank) -> one exchange with the clients (plain, or secure aggregation when the grid is a
@@ -6,8 +6,10 @@ its rank) -> one exchange with the clients (plain, or secure aggregation when th
 federated`, the privacy experiments and the demo all train through it.
 
 The loop is ours rather than Flower's `Strategy.start`, because a `FederatedRun` checkpoints after
-every round and resumes from one, counts bytes, evaluates the global adapter on every client's
-held-out text with the full-precision target, and measures the no-op round overhead first.
+every round and resumes from one, counts bytes, measures the no-op round overhead first, and
+evaluates the global adapter by federated evaluation (each device on its own held-out text, on the
+full-precision target) plus an optional held-out set the server owns: the server holds no client data.
+The ServerApp itself is `fedge.cloud.server_app.app` (deployment and simulation alike).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from fedge.cloud.checkpoints import load_resume_checkpoint, save_checkpoint
 from fedge.cloud.federated_config import FederatedConfig
@@ -65,24 +67,51 @@ def run_rounds(grid: Grid, strategy: LoraFedAvg, config: FederatedConfig, state:
     return state
 
 
-def discover_partitions(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
-    """partition id -> node id, asked once from every node."""
-    deadline = time.time() + 120
-    while len(nodes := list(grid.get_node_ids())) < expected:
+@dataclass
+class Roster:
+    """The nodes of a run in a stable order (partition id, else client name): index -> node id, name."""
+
+    node_of_partition: dict[int, int]
+    names: dict[int, str]
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """The connected nodes once there are at least `minimum` of them."""
+    deadline = time.time() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
         if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected} simulated nodes came up")
-        time.sleep(0.02)
+            raise RuntimeError(f"only {len(nodes)} of the {minimum} nodes needed connected within {timeout:g} s")
+        time.sleep(0.05)
+    return nodes
+
+
+def discover_nodes(grid: Grid, minimum: int, wait_s: float, timeout: float) -> Roster:
+    """Ask every connected node (at least `minimum`) once for its partition id and client name; a node
+    that does not answer is left out (with a warning) as long as `minimum` did."""
+    nodes = wait_for_nodes(grid, minimum, wait_s)
     messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
                         dst_node_id=n) for n in nodes]
-    mapping = {}
+    found = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed discovery: {reply.error.reason}")
+            log.warning("node %d left out: discovery failed: %s", node, reply.error.reason)
+            continue
+        info = reply.content.config_records.get("info")
         pid = int(reply.content.metric_records["metrics"]["partition-id"])
-        mapping[pid] = reply.metadata.src_node_id
-    if len(mapping) != expected:
-        raise RuntimeError(f"discovery found {len(mapping)} of {expected} partitions")
-    return mapping
+        found.append((pid, str(info["client"]) if info else str(pid), node))
+    if len(found) < minimum:
+        raise RuntimeError(f"discovery: {len(found)} of the {minimum} nodes needed answered")
+    if all(pid >= 0 for pid, _, _ in found):  # simulated partitions: Flower's partition ids
+        found.sort()
+    else:  # devices: by the client name in their node config, then node id
+        found.sort(key=lambda f: (f[1], f[2]))
+    return Roster({i: node for i, (_, _, node) in enumerate(found)}, {i: name for i, (_, name, _) in enumerate(found)})
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """partition id -> node id, asked once from every node."""
+    return discover_nodes(grid, expected, 120.0, timeout).node_of_partition
 
 
 def measure_overhead(grid: Grid, config: FederatedConfig, node_of_partition: dict[int, int],
@@ -112,36 +141,63 @@ def overhead_s_per_round(times: list[float]) -> float | None:
     return statistics.median(times[1:]) if len(times) > 1 else times[0]
 
 
-class GlobalEvaluator:
-    """The global adapter on the full-precision target, on every (or a seeded sample of) client's held-out text."""
+def federated_evaluate(grid: Grid, config: FederatedConfig, roster: Roster, state: StateDict) -> dict:
+    """The global adapter on every (or a seeded sample of) device's own held-out text, on the target:
+    the token-weighted mean of the devices' losses, each device's, and the worst."""
+    pids = sorted(roster.node_of_partition)
+    if 0 < config.eval_clients < len(pids):  # many clients: a fixed seeded sample
+        pids = sorted(random.Random(f"fedge-eval:{config.seed}").sample(pids, config.eval_clients))
+    record, client_config = to_record(state), config.client_config()
+    messages = [Message(RecordDict({"arrays": record, "config": client_config}), message_type=MessageType.EVALUATE,
+                        dst_node_id=roster.node_of_partition[p]) for p in pids]
+    name_of = {roster.node_of_partition[p]: roster.names[p] for p in pids}
+    losses, tokens = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+        name = name_of.get(reply.metadata.src_node_id)
+        if name is None or reply.has_error():
+            log.warning("evaluation: no result from %s: %s", name, reply.error.reason if reply.has_error() else "")
+            continue
+        metrics = reply.content.metric_records["metrics"]
+        if int(metrics["eval-tokens"]) > 0:
+            losses[name], tokens[name] = float(metrics["eval-loss"]), int(metrics["eval-tokens"])
+    if not losses:
+        nan = float("nan")
+        return {"global_loss": nan, "global_perplexity": nan, "client_loss": {}, "worst_client": None,
+                "worst_client_loss": nan, "worst_client_perplexity": nan}
+    loss = sum(losses[n] * tokens[n] for n in losses) / sum(tokens.values())
+    worst = max(losses, key=losses.get)
+    return {"global_loss": loss, "global_perplexity": math.exp(loss), "client_loss": losses,
+            "worst_client": worst, "worst_client_loss": losses[worst],
+            "worst_client_perplexity": math.exp(losses[worst])}
 
-    def __init__(self, config: FederatedConfig, corpus) -> None:
+
+class ServerModel:
+    """The server's own copy of the target with the run's adapter: the seeded initial adapter, the
+    model size, saving adapters, and (optionally) the loss on a held-out set the server itself owns."""
+
+    def __init__(self, config: FederatedConfig) -> None:
         from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, pad_token_id
 
         self.adapted = AdaptedModel(config.model, config.adapter_spec)
         base = self.adapted.model.get_base_model()
         self.model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         self.pad_id = pad_token_id(self.adapted.tokenizer)
-        clients = [c for c in corpus.clients if c.heldout]
-        if 0 < config.eval_clients < len(clients):  # many virtual clients: a fixed seeded sample
-            clients = random.Random(f"fedge-eval:{config.seed}").sample(clients, config.eval_clients)
-        self.windows = {c.name: eval_windows(c.heldout, self.adapted.tokenizer, config.eval_examples, config.seq_len)
-                        for c in clients}
+        self.windows = []
+        if config.server_eval_data:
+            from fedge.data import read_source
+
+            self.windows = eval_windows(read_source(config.server_eval_data), self.adapted.tokenizer,
+                                        max(1, config.eval_examples), config.seq_len)
 
     def __call__(self, state: StateDict) -> dict:
+        """Loss on the server's held-out set ({} without one)."""
         from fedge.peft_methods.lora_model import mean_token_loss
 
+        if not self.windows:
+            return {}
         self.adapted.set_state(state)
-        losses, tokens = {}, {}
-        for name, windows in self.windows.items():
-            if windows:
-                losses[name] = mean_token_loss(self.adapted.model, windows, self.pad_id)
-                tokens[name] = sum(len(w) - 1 for w in windows)
-        loss = sum(losses[n] * tokens[n] for n in losses) / sum(tokens.values())
-        worst = max(losses, key=losses.get)
-        return {"global_loss": loss, "global_perplexity": math.exp(loss), "client_loss": losses,
-                "worst_client": worst, "worst_client_loss": losses[worst],
-                "worst_client_perplexity": math.exp(losses[worst])}
+        loss = mean_token_loss(self.adapted.model, self.windows, self.pad_id)
+        return {"server_loss": loss, "server_perplexity": math.exp(loss)}
 
 
 def round_record(strategy: LoraFedAvg, names: dict[int, str], metrics: MetricRecord | None) -> dict:
@@ -186,69 +242,68 @@ class FederatedResult:
     discovery_s: float = 0.0
 
 
-class FederatedRun:
-    """One federated run: the ServerApp's body, with its evaluator and checkpoints."""
+# (the server's model, the adapter, the round it is from): e.g. fedge.cloud.server_app.Publisher
+Publish = Callable[["ServerModel", StateDict, int], None]
 
-    def __init__(self, config: FederatedConfig, corpus, on_round: Callable[[dict], None] | None = None,
-                 grid_wrapper: Callable[[Grid], Grid] | None = None) -> None:
+
+class FederatedRun:
+    """One federated run: the ServerApp's body, with federated evaluation, checkpoints and publishing.
+
+    It needs no client data: devices train and evaluate on their own."""
+
+    def __init__(self, config: FederatedConfig, on_round: Callable[[dict], None] | None = None,
+                 grid_wrapper: Callable[[Grid], Grid] | None = None, publish: Publish | None = None) -> None:
         self.config = config
-        self.corpus = corpus
         self.on_round = on_round
         # wraps the grid for training rounds, e.g. fedge.cloud.secagg_server.SecureAggregationGrid
         self.grid_wrapper = grid_wrapper
+        self.publish = publish
         self.result = FederatedResult()
-        self.error: BaseException | None = None
         self.checkpoint = load_resume_checkpoint(config) if config.resume else None
-
-    def server_app(self) -> ServerApp:
-        app = ServerApp()
-
-        @app.main()
-        def main(grid: Grid, context: Context) -> None:
-            try:
-                self.execute(grid)
-            except BaseException as exc:  # run_simulation only logs errors; keep it for the caller
-                self.error = exc
-                raise
-
-        return app
 
     def execute(self, grid: Grid) -> None:
         cfg = self.config
         if hasattr(grid, "pull_interval"):
             grid.pull_interval = cfg.pull_interval  # Flower polls replies every 0.1 s by default
         start = time.perf_counter()
-        node_of_partition = discover_partitions(grid, len(self.corpus.clients), cfg.round_timeout)
+        roster = discover_nodes(grid, cfg.min_nodes or cfg.num_clients, cfg.wait_nodes_s, cfg.round_timeout)
         self.result.discovery_s = time.perf_counter() - start
-        evaluate = GlobalEvaluator(cfg, self.corpus)
-        self.result.model_bytes = evaluate.model_bytes
-        strategy = build_strategy(cfg, node_of_partition)
-        state, first_round = self._initial_state(evaluate, strategy)
-        self.result.overhead_rounds_s = measure_overhead(grid, cfg, node_of_partition, state)
+        server = ServerModel(cfg)
+        self.result.model_bytes = server.model_bytes
+        strategy = build_strategy(cfg, roster.node_of_partition)
+        state, first_round = self._initial_state(server, strategy)
+        self.result.overhead_rounds_s = measure_overhead(grid, cfg, roster.node_of_partition, state)
         if self.grid_wrapper is not None:
             grid = self.grid_wrapper(grid)
+
+        def evaluate(state: StateDict) -> dict:
+            return {**federated_evaluate(grid, cfg, roster, state), **server(state)}
+
         if first_round == 1:
-            self._publish({"round": 0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": [],
-                           "rejected": []})
-        names = {i: c.name for i, c in enumerate(self.corpus.clients)}
+            self._record({"round": 0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": [],
+                          "rejected": []})
         round_start = time.perf_counter()
 
         def after_round(server_round: int, state: StateDict, truncation: float, metrics) -> None:
             nonlocal round_start
             train_s = time.perf_counter() - round_start
             eval_start = time.perf_counter()
-            self._publish({"round": server_round, **evaluate(state), **round_record(strategy, names, metrics),
-                           "truncation_error": truncation, "train_s": train_s,
-                           "eval_s": time.perf_counter() - eval_start, **privacy_fields(grid)})
+            record = round_record(strategy, roster.names, metrics)
+            self._record({"round": server_round, **evaluate(state), **record, "truncation_error": truncation,
+                          "train_s": train_s, "eval_s": time.perf_counter() - eval_start, **privacy_fields(grid)})
             self._checkpoint(server_round, state, strategy)
+            if self.publish is not None and cfg.publish_every == "round" and record["accepted"]:
+                self.publish(server, state, server_round)
             round_start = time.perf_counter()
 
         self.result.final_state = run_rounds(grid, strategy, cfg, state, first_round, cfg.rounds, after_round)
+        if self.publish is not None and cfg.publish_every == "end":
+            self.publish(server, self.result.final_state, self.result.records[-1]["round"])
 
-    def _initial_state(self, evaluate: GlobalEvaluator, strategy: LoraFedAvg) -> tuple[StateDict, int]:
+    def _initial_state(self, server: ServerModel, strategy: LoraFedAvg) -> tuple[StateDict, int]:
         """The adapter to start from and the first round: the seeded init, or the resumed checkpoint."""
         if self.checkpoint is None:
-            return evaluate.adapted.get_state(), 1
+            return server.adapted.get_state(), 1
         state, strategy_arrays, payload = self.checkpoint
         strategy.load_state_arrays(strategy_arrays)
         self.result.records = payload["records"]
@@ -264,7 +319,7 @@ class FederatedRun:
                 "seed": cfg.seed, "records": self.result.records,
             })
 
-    def _publish(self, record: dict) -> None:
+    def _record(self, record: dict) -> None:
         self.result.records.append(record)
         if self.on_round is not None:
             self.on_round(record)

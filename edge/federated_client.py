@@ -1,25 +1,35 @@
 """The Flower ClientApp of an edge device: train LoRA on local data, send only the adapter update.
 
-Message API, two handlers:
+The same module-level `app` runs on a phone's SuperNode (Flower's deployment engine) and on every
+virtual node of `fedge simulate federated`. A device's data never comes from the server: it is named
+in the node's own config (`flower-supernode --node-config 'data="jsonl:/data/notes.jsonl"'`, optional
+`client="alice"`, or `partition-id`/`num-partitions` to take one partition of a shared source). In a
+simulation Flower gives each virtual node its `partition-id`; the source the partitions are cut from
+is the simulation's node-level default (`SIMULATION_NODE_CONFIG`, set by `fedge.simulations.federated`).
 
-- `query`: reply with this node's partition id (the server maps node ids to data partitions once,
-  so client sampling and seeds do not depend on Flower's random node ids: runs are reproducible and
-  resumable);
-- `train`: load the received global adapter (at this client's rank), train it on the local
-  partition, evaluate the personalised adapter on the local held-out text, and reply with the update
-  of the tensors the method trains (`trained - received`, e.g. only lora_B for FFA-LoRA);
-  with `noop` in the config it replies with a zero update of the right shape without touching the
-  model, to measure the simulation's own per-round overhead.
+Message API, three handlers:
 
-Privacy is added around the app, not inside it: the Flower mods in `fedge.edge.secagg_mods`
-(`secagg_mod`: DP clip + noise and secure-aggregation masking; `dp_mod`: DP for plain rounds) wrap
-`train` without changing it.
+- `query`: this node's partition id (or -1) and client name; the server orders its nodes by them once,
+  so client sampling and seeds do not depend on Flower's random node ids (reproducible, resumable);
+- `train`: load the received global adapter (at this client's rank), train it on the local data,
+  evaluate the personalised adapter on the local held-out text, and reply with the update of the
+  tensors the method trains (`trained - received`, e.g. only lora_B for FFA-LoRA); with `noop` in the
+  config it replies with a zero update of the right shape without touching the model (the per-round
+  overhead of the message path);
+- `evaluate`: the global adapter on the full-precision target, on this device's held-out text (the
+  server's global metrics are the token-weighted mean of these: federated evaluation).
+
+Models are loaded once per process (`fedge.edge.training_model`), not per message: Flower may build
+the ClientApp again for every message. Privacy wraps the app, not its handlers: `secagg_mod` (secure
+aggregation, with DP when the server asks) and `dp_mod` (DP for plain rounds) pass other messages through.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import zlib
 
 import numpy as np
 import torch  # imported here, not lazily: ArrayRecord.to_torch_state_dict needs torch in the actor
@@ -27,10 +37,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+from fedge.edge.secagg_mods import dp_mod, secagg_mod
 from fedge.edge.training_model import load_training_model, served_model
 from fedge.peft_methods.aggregation import adapter_rank, client_delta
 from fedge.peft_methods.config import AdapterSpec, MethodSpec
 from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
+
+# a simulation's node-level defaults (JSON), inherited by its Ray actors; a real device's node config wins
+SIMULATION_NODE_CONFIG = "FEDGE_SIMULATION_NODE_CONFIG"
 
 # ------------------------------------------------------------- per-process state (reused by Ray actors)
 
@@ -43,71 +57,121 @@ def adapter_spec_from(config: ConfigRecord) -> AdapterSpec:
                        init_seed=int(config["seed"]))
 
 
-def _runtime(config: ConfigRecord) -> tuple[AdaptedModel, object]:
+def node_settings(context: Context) -> dict:
+    """This node's own settings: the simulation's defaults overridden by Flower's node config."""
+    settings = json.loads(os.environ.get(SIMULATION_NODE_CONFIG, "{}"))
+    settings.update(dict(context.node_config))
+    if not settings.get("data"):
+        raise ValueError("this node has no local data: start it with --node-config 'data=\"jsonl:/path\"'")
+    return settings
+
+
+def local_data(context: Context):
+    """(client name, partition id or -1, its ClientData), loaded once per process."""
+    from fedge.data import load_corpus
+
+    s = node_settings(context)
+    pid = int(s.get("partition-id", -1))
+    key = (str(s["data"]), str(s.get("partition", "natural" if pid >= 0 else "iid")),
+           int(s.get("num-partitions", 1)) if pid >= 0 else 1, int(s.get("seed", 0)))
+    if key not in _CORPORA:
+        _CORPORA.clear()
+        _CORPORA[key] = load_corpus(key[0], key[1], num_clients=key[2], seed=key[3])
+    corpus = _CORPORA[key]
+    client = corpus.clients[max(pid, 0)]
+    name = str(s.get("client", "")) or (client.name if pid >= 0 else os.path.basename(key[0].split(":")[-1]))
+    return name, pid, client
+
+
+def _seed_id(name: str, pid: int) -> int:
+    return pid if pid >= 0 else zlib.crc32(name.encode())
+
+
+def _threads(config: ConfigRecord) -> None:
     threads = int(config.get("threads", 1))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    spec = adapter_spec_from(config)
-    adapted = load_training_model(str(config["model"]), spec, client_model=str(config.get("client-model", "target")),
-                                  quant=str(config.get("draft-quant", "int4")),
-                                  keep_layers=int(config.get("draft-layers", 0)) or None)
-    data_key = (str(config["data"]), str(config["partition"]), int(config["num-clients"]), int(config["seed"]))
-    if data_key not in _CORPORA:
-        from fedge.data import load_corpus
-
-        _CORPORA.clear()
-        _CORPORA[data_key] = load_corpus(data_key[0], data_key[1], num_clients=data_key[2], seed=data_key[3])
-    return adapted, _CORPORA[data_key]
 
 
-# ------------------------------------------------------------- the ClientApp
+def _training_model(config: ConfigRecord) -> AdaptedModel:
+    _threads(config)
+    return load_training_model(str(config["model"]), adapter_spec_from(config),
+                               client_model=str(config.get("client-model", "target")),
+                               quant=str(config.get("draft-quant", "int4")),
+                               keep_layers=int(config.get("draft-layers", 0)) or None)
 
-app = ClientApp()
+
+def _heldout_loss(model_name: str, spec: AdapterSpec, state, rank: int | None, client, config: ConfigRecord):
+    """(mean token loss, tokens) of `state` on the target, on this client's held-out text; None if it has none."""
+    served = served_model(model_name, spec)
+    windows = eval_windows(client.heldout, served.tokenizer, int(config["eval-examples"]), int(config["seq-len"]))
+    if not windows:
+        return None
+    served.set_state(state, rank)
+    return mean_token_loss(served.model, windows, pad_token_id(served.tokenizer)), sum(len(w) - 1 for w in windows)
 
 
-@app.query()
+# ------------------------------------------------------------- the ClientApp's handlers
+
+
 def query(msg: Message, context: Context) -> Message:
-    pid = int(context.node_config["partition-id"])
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "pid": os.getpid()})}),
-                   reply_to=msg)
+    name, pid, _ = local_data(context)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "pid": os.getpid()}),
+                               "info": ConfigRecord({"client": name})}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content["config"]
     received: ArrayRecord = msg.content["arrays"]
-    pid = int(context.node_config["partition-id"])
     method = MethodSpec(str(config["method"]))
     if bool(config.get("noop", False)):
         # zero update of the right shape: the message path without any work
         zeros = {k: np.zeros(a.shape, dtype=np.float32) for k, a in received.items() if method.trains(k)}
         reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in zeros.items()}),
-                            "metrics": MetricRecord({"num-examples": 1, "partition-id": pid})})
+                            "metrics": MetricRecord({"num-examples": 1})})
         return Message(reply, reply_to=msg)
     started = time.perf_counter()
-    adapted, corpus = _runtime(config)
-    client = corpus.clients[pid]
+    name, pid, client = local_data(context)
+    adapted = _training_model(config)
     state = received.to_torch_state_dict()
     rank = adapter_rank(state)
     adapted.set_state(state, rank)
-    server_round = int(config["server-round"])
-    seed = int(config["seed"])
+    server_round, seed, sid = int(config["server-round"]), int(config["seed"]), _seed_id(name, pid)
     train_config = LocalTrainConfig(steps=int(config["steps"]), batch_size=int(config["batch-size"]),
                                     seq_len=int(config["seq-len"]), lr=float(config["lr"]),
                                     proximal_mu=float(config.get("proximal-mu", 0.0)))
-    torch.manual_seed(seed * 1_000_003 + server_round * 1009 + pid)
-    result = train_local(adapted, client.train, rank, method.trains, train_config,
-                         seed=(seed, server_round, pid))
+    torch.manual_seed(seed * 1_000_003 + server_round * 1009 + sid)
+    result = train_local(adapted, client.train, rank, method.trains, train_config, seed=(seed, server_round, sid))
     metrics = {"num-examples": len(client.train), "partition-id": pid, "rank": rank,
                "train-loss": result.loss, "train-tokens": result.tokens}
     trained = adapted.get_state(rank, fill_from=state)  # a truncated draft: received values for dropped layers
-    windows = eval_windows(client.heldout, adapted.tokenizer, int(config["eval-examples"]), train_config.seq_len)
-    if windows:  # the personalised adapter (just trained) on this client's own held-out text, on the target
-        served = served_model(adapted.model_name, adapted.spec)
-        served.set_state(trained, rank)
-        metrics["personal-loss"] = mean_token_loss(served.model, windows, pad_token_id(served.tokenizer))
+    # the personalised adapter (just trained) on this client's own held-out text, on the target
+    personal = _heldout_loss(adapted.model_name, adapted.spec, trained, rank, client, config)
+    if personal is not None:
+        metrics["personal-loss"] = personal[0]
     update = client_delta(trained, state, method.trains)
     metrics["train-s"] = time.perf_counter() - started
-    return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
+
+def evaluate(msg: Message, context: Context) -> Message:
+    config: ConfigRecord = msg.content["config"]
+    _threads(config)
+    _, _, client = local_data(context)
+    state = msg.content["arrays"].to_torch_state_dict()
+    loss = _heldout_loss(str(config["model"]), adapter_spec_from(config), state, None, client, config)
+    metrics = {"eval-tokens": 0, "eval-loss": 0.0} if loss is None else {"eval-loss": loss[0], "eval-tokens": loss[1]}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def client_app(mods=()) -> ClientApp:
+    """A ClientApp of these handlers wrapped in `mods` (outermost first)."""
+    built = ClientApp(mods=list(mods))
+    built.query()(query)
+    built.train()(train)
+    built.evaluate()(evaluate)
+    return built
+
+
+# the device's app (`[tool.flwr.app.components] clientapp`): secure aggregation and DP when the server asks
+app = client_app([secagg_mod, dp_mod])

@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -49,19 +50,44 @@ def backend_config(config: FederatedConfig) -> dict:
 
 def client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     """The edge ClientApp's handlers (`fedge.edge.federated_client`), wrapped in `mods` (outermost first)."""
-    from fedge.edge import federated_client
+    from fedge.edge.federated_client import client_app as build
 
-    app = ClientApp(mods=list(mods))
-    app.query()(federated_client.query)
-    app.train()(federated_client.train)
-    return app
+    return build(mods)
+
+
+def node_defaults(config: FederatedConfig) -> dict:
+    """What each virtual device has in its node config besides Flower's partition-id: the source its
+    partition is cut from (a real device names its own data instead)."""
+    return {"data": config.data, "partition": config.partition, "seed": config.seed}
+
+
+@contextmanager
+def simulated_devices(config: FederatedConfig):
+    """The virtual devices' node-level defaults, inherited by the Ray actors started meanwhile."""
+    from fedge.edge.federated_client import SIMULATION_NODE_CONFIG
+
+    before = os.environ.get(SIMULATION_NODE_CONFIG)
+    os.environ[SIMULATION_NODE_CONFIG] = json.dumps(node_defaults(config))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SIMULATION_NODE_CONFIG, None)
+        else:
+            os.environ[SIMULATION_NODE_CONFIG] = before
+
+
+def _run_simulation(config: FederatedConfig, server: ServerApp, app: ClientApp) -> None:
+    from flwr.simulation import run_simulation
+
+    with simulated_devices(config):
+        run_simulation(server_app=server, client_app=app, num_supernodes=config.num_clients, backend_name="ray",
+                       backend_config=backend_config(config), verbose_logging=False)
 
 
 def simulate(config: FederatedConfig, server_main: Callable[[Grid], T], app: ClientApp) -> T:
     """Run `server_main(grid)` as the ServerApp of one Flower simulation (Ray backend, one supernode
-    per client) and return what it returned; raises what it raised."""
-    from flwr.simulation import run_simulation
-
+    per client) and return what it returned; raises what it raised (experiments' own server bodies)."""
     out: dict = {}
     server = ServerApp()
 
@@ -74,8 +100,7 @@ def simulate(config: FederatedConfig, server_main: Callable[[Grid], T], app: Cli
             out["error"] = exc
             raise
 
-    run_simulation(server_app=server, client_app=app, num_supernodes=config.num_clients, backend_name="ray",
-                   backend_config=backend_config(config), verbose_logging=False)
+    _run_simulation(config, server, app)
     if "error" in out:
         raise out["error"]
     if "result" not in out:
@@ -86,20 +111,34 @@ def simulate(config: FederatedConfig, server_main: Callable[[Grid], T], app: Cli
 def run_federated(config: FederatedConfig, corpus, on_round: Callable[[dict], None] | None = None,
                   grid_wrapper: Callable[[Grid], Grid] | None = None,
                   client_mods: Sequence[Mod] = ()) -> tuple[FederatedResult, FederatedConfig]:
-    """Run one federated simulation; returns the FederatedResult and the config it ran (with the
-    corpus's number of clients). `config.faults` adds the fault-injection mod innermost."""
-    from fedge.cloud.federated_rounds import FederatedRun
+    """Run one federated simulation of the deployment's two apps (`fedge.cloud.server_app.app`, the
+    device ClientApp); returns the FederatedResult and the config it ran (with the corpus's number of
+    clients). The server never sees `corpus`: each virtual device loads its own partition. Without
+    `client_mods` the devices run the production app (secure aggregation and DP mods included);
+    `config.faults` adds the fault-injection mod innermost."""
+    from fedge.cloud import server_app
+    from fedge.edge import federated_client
     from fedge.simulations.faults import fault_mod
 
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
-    run = FederatedRun(config, corpus, on_round=on_round, grid_wrapper=grid_wrapper)
-    mods = [*client_mods, fault_mod(config.faults, config.round_timeout)] if config.faults else list(client_mods)
-    # the client runtime is rebuilt from the config in every Ray actor, and must describe the same corpus
-    simulate(config, lambda grid: run.execute(grid), client_app(mods))
-    if not run.result.final_state:
+    if config.faults:
+        from fedge.edge.secagg_mods import dp_mod, secagg_mod
+
+        app = client_app([*(client_mods or [secagg_mod, dp_mod]), fault_mod(config.faults, config.round_timeout)])
+    else:
+        app = client_app(client_mods) if client_mods else federated_client.app
+    hooks = server_app.SimulationHooks(config, on_round=on_round, grid_wrapper=grid_wrapper)
+    server_app.set_simulation_hooks(hooks)
+    try:
+        _run_simulation(config, server_app.app, app)
+    finally:
+        server_app.set_simulation_hooks(None)
+    if hooks.errors:
+        raise hooks.errors[0]
+    if hooks.run is None or not hooks.run.result.final_state:
         raise RuntimeError("the federated simulation ended without a result (see the log above)")
-    return run.result, config
+    return hooks.run.result, config
 
 
 # ---------------------------------------------------------------- baselines
