@@ -19,7 +19,10 @@ weighting by example counts would need the counts in the clear and changes DP's 
 With `dp` set, the server also enforces the privacy budget: before each round it asks the
 accountant whether the round would exceed `dp.max_epsilon`; if so it sends nothing, returns no
 aggregate (the strategy keeps the current global model) and sets `budget_exhausted`; round loops
-should stop when they see it. After each round `privacy_log` has epsilon at delta.
+should stop when they see it. After each round `privacy_log` has epsilon at delta. A round is
+charged as soon as the unmask stage is sent (from then on the sum can be unmasked), even if the
+round fails afterwards; rounds that stop earlier release nothing and are not charged. Since this
+server picks the clients, the accountant takes no credit for subsampling (`DPConfig.sampling`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedge.cloud.secagg_replies import aggregate_replies as _aggregate_replies
+from fedge.cloud.secagg_replies import copy_content as _copy_content
+from fedge.cloud.secagg_replies import is_noop as _is_noop
 from fedge.peft_methods.dp import DPConfig, PrivacyBudget, PrivacyBudgetExceeded, RoundPrivacy, check_noise_coverage
 from fedge.protocol.secagg import (
+    ClientPolicy,
     SecAggConfig,
     SecAggError,
     SecAggServer,
@@ -49,6 +56,7 @@ from fedge.protocol.secagg_records import (
     UPDATE_DELTA,
     UPDATE_DIRECT,
     advertise_request,
+    consistency_request,
     dp_fields,
     keys_from_reply,
     layout_to_str,
@@ -56,6 +64,7 @@ from fedge.protocol.secagg_records import (
     share_request,
     shares_from_record,
     shares_record,
+    signature_from_reply,
     unmask_from_reply,
     unmask_request,
 )
@@ -66,7 +75,9 @@ class SecureAggregationSettings:
     """How the server runs secure aggregation (and DP) for train rounds.
 
     threshold: t as a fraction of the sampled clients (< 1) or an absolute count (>= 2). It is the
-        fewest clients that must survive each stage and the collusion bound; keep it above half.
+        fewest clients that must survive each stage and the collusion bound. It is raised to the
+        default client floor (max(3, ceil(2n/3)), `ClientPolicy`) and to DP's noise shares, since
+        honest clients refuse anything lower.
     clip_range: the fixed-point range per coordinate; None picks C + 8 noise std under DP, else 1.0.
     update_mode: "delta" (clients' replies are trained weights; the update is reply - global) or
         "direct" (replies are what is summed; then `layout` must name the arrays and shapes).
@@ -74,7 +85,7 @@ class SecureAggregationSettings:
     simulate_dropout: fraction of sampled clients told to vanish after sharing keys (experiments).
     """
 
-    threshold: float = 0.6
+    threshold: float = 2 / 3
     clip_range: float | None = None
     update_mode: str = UPDATE_DELTA
     layout: VectorLayout | Callable[[list[Message]], VectorLayout] | None = None
@@ -98,7 +109,8 @@ class SecureAggregationSettings:
 
     def threshold_for(self, n: int) -> int:
         t = math.ceil(self.threshold * n) if self.threshold < 1 else int(self.threshold)
-        return max(2, t)
+        noise_shares = self.dp.min_clients if self.dp is not None and self.dp.noise_at == "client" else 1
+        return max(t, ClientPolicy().required_threshold(n), noise_shares)
 
 
 @dataclass
@@ -143,6 +155,8 @@ class SecureAggregationGrid:
         self.history: list[RoundStats] = []
         self._rng = np.random.default_rng(settings.seed)
         self._round = 0
+        self._uncharged: float | None = None  # this round's sample rate until the budget is charged
+        self._charged: RoundPrivacy | None = None
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -166,12 +180,21 @@ class SecureAggregationGrid:
         start = time.perf_counter()
         timeout = timeout if timeout is not None else self.settings.timeout
         round_fn = self._secure_round if self.settings.secure else self._plain_round
-        aggregate = round_fn(messages, timeout)
+        self._uncharged, self._charged = sample_rate, None
+        try:
+            aggregate = round_fn(messages, timeout)
+        finally:
+            self._uncharged = None  # a round that failed before release is not charged
         aggregate.stats.seconds = time.perf_counter() - start
-        if self.budget is not None:
-            aggregate.stats.privacy = self.budget.record_round(sample_rate)
+        aggregate.stats.privacy = self._charged
         self.history.append(aggregate.stats)
         return aggregate
+
+    def _charge(self) -> None:
+        """Charge this round to the budget once anything derived from the clients' data can be released."""
+        if self.budget is not None and self._uncharged is not None:
+            self._charged = self.budget.record_round(self._uncharged)
+            self._uncharged = None
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """The Grid interface, for stock strategies: train rounds come back as aggregate replies."""
@@ -269,8 +292,17 @@ class SecureAggregationGrid:
         stage_seconds["mask"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        replies = self._exchange(template, {node_of[c]: RecordDict({SECAGG_KEY: unmask_request(survivors)})
+        replies = self._exchange(template, {node_of[c]: RecordDict({SECAGG_KEY: consistency_request(survivors)})
                                             for c in survivors}, timeout)
+        signatures = server.collect_signatures([signature_from_reply(r.content.config_records[SECAGG_KEY])
+                                                for r in replies.values()])
+        stage_seconds["consistency"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self._charge()  # from here on the sum can be unmasked: the round counts, whatever happens next
+        request = unmask_request(survivors, signatures)
+        replies = self._exchange(template, {node_of[s.client_id]: RecordDict({SECAGG_KEY: request})
+                                            for s in signatures}, timeout)
         result = server.unmask([unmask_from_reply(r.content.config_records[SECAGG_KEY]) for r in replies.values()])
         stage_seconds["unmask"] = time.perf_counter() - t0
 
@@ -296,6 +328,8 @@ class SecureAggregationGrid:
             out.append(message)
         t0 = time.perf_counter()
         replies = [r for r in self._grid.send_and_receive(out, timeout=timeout) if not r.has_error()]
+        if replies:
+            self._charge()  # updates left the clients in the clear
         if not replies:
             raise SecAggError("no client replied to the train round")
         total, bytes_up = None, 0
@@ -355,33 +389,3 @@ def _single_array_record(content: RecordDict) -> tuple[str, ArrayRecord]:
     if len(records) != 1:
         raise SecAggError(f"a train message must carry exactly one ArrayRecord (found {len(records)})")
     return records[0]
-
-
-def _copy_content(content: RecordDict) -> RecordDict:
-    copy = RecordDict()
-    for key, record in content.items():
-        if isinstance(record, ConfigRecord):
-            copy[key] = ConfigRecord(dict(record))
-        else:
-            copy[key] = record
-    return copy
-
-
-def _is_noop(message: Message) -> bool:
-    config = message.content.config_records.get("config")
-    return bool(config is not None and config.get("noop", False))
-
-
-def _aggregate_replies(messages: list[Message], survivors: set[int], array_key: str,
-                       arrays: dict[str, np.ndarray]) -> list[Message]:
-    """One reply per surviving client, all carrying the aggregate with weight 1; errors for the rest."""
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    replies = []
-    for message in messages:
-        if message.metadata.dst_node_id in survivors:
-            content = RecordDict({array_key: record, "metrics": MetricRecord({"num-examples": 1})})
-            replies.append(Message(content, reply_to=message))
-        else:
-            replies.append(Message(Error(code=9002, reason="dropped out of the secure-aggregation round"),
-                                   reply_to=message))
-    return replies

@@ -4,7 +4,13 @@ Add them to any ClientApp without touching its train function:
 
     app = ClientApp(mods=[secagg_mod])          # or @app.train(mods=[secagg_mod])
 
-`secagg_mod` answers the four secure-aggregation stages (see fedge.protocol.secagg). At the masked-input
+`make_secagg_mod(keys_dir)` answers the five secure-aggregation stages (see fedge.protocol.secagg) as
+this device: it signs with `keys_dir/devices/<device>.sign.key` and trusts only the devices of
+`keys_dir/secagg-roster.json` (both from `fedge certs create`), never keys the server vouches for.
+The device is the node config's `device-id` (a SuperNode's `--node-config`), else
+`device-<partition-id>`; a node config `secagg-keys` overrides `keys_dir`. The client's floors
+(`ClientPolicy`: threshold, DP noise) are its own. `secagg_mod` (no keys) trusts the server to relay
+keys honestly: semi-honest model only, but the threshold and DP floors still apply. At the masked-input
 stage it calls the wrapped train function, turns its reply into an update (trained - global, or the
 reply itself for methods whose clients send what is summed, e.g. FedSVD products), clips it and adds
 this client's share of the DP noise when the server asks for DP, masks it and sends only the masked
@@ -16,16 +22,20 @@ The client's secret state between stages lives in `context.state`, which stays o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from fedge.peft_methods.dp import ClientDPTransform, DPConfig
-from fedge.protocol.secagg import SecAggClient, SecAggError, VectorLayout
+from fedge.protocol.secagg import ClientPolicy, SecAggClient, SecAggError, VectorLayout
+from fedge.protocol.secagg_identity import ROSTER_FILE, DeviceIdentity, DeviceRoster, load_device_identity, load_roster
 from fedge.protocol.secagg_records import (
     DP_KEY,
     MASKED_KEY,
     SECAGG_KEY,
     STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
     STAGE_MASK,
     STAGE_SHARE,
     STAGE_UNMASK,
@@ -38,7 +48,9 @@ from fedge.protocol.secagg_records import (
     roster_from_request,
     shares_from_record,
     shares_record,
+    signature_reply,
     stage_of,
+    unmask_from_request,
     unmask_reply,
 )
 
@@ -100,56 +112,93 @@ def _num_examples(reply: Message) -> int:
     return 1
 
 
-def secagg_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower mod: run this client's side of secure aggregation around the wrapped train function."""
-    stage = stage_of(msg.content) if msg.metadata.message_type.startswith("train") else None
-    if stage is None:
-        return call_next(msg, context)
+def make_secagg_mod(keys_dir: str | Path | None = None, policy: ClientPolicy | None = None):
+    """A Flower mod running this device's side of secure aggregation around the wrapped train function."""
+    policy = policy or ClientPolicy(require_signatures=keys_dir is not None)
+    cache: dict[tuple[str, str], tuple[DeviceIdentity, DeviceRoster]] = {}
+
+    def credentials(context: Context) -> tuple[DeviceIdentity | None, DeviceRoster | None]:
+        directory = context.node_config.get("secagg-keys", keys_dir)
+        if directory is None:
+            return None, None
+        device = str(context.node_config.get("device-id", f"device-{context.node_config.get('partition-id', '')}"))
+        key = (str(directory), device)
+        if key not in cache:
+            cache[key] = (load_device_identity(directory, device), load_roster(Path(directory) / ROSTER_FILE))
+        return cache[key]
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        stage = stage_of(msg.content) if msg.metadata.message_type.startswith("train") else None
+        if stage is None:
+            return call_next(msg, context)
+        try:
+            identity, roster = credentials(context)
+            return _stage(msg, context, call_next, stage, (identity, roster, policy))
+        except (SecAggError, ValueError, KeyError, TypeError) as exc:
+            context.state.config_records.pop(STATE_KEY, None)  # a refused round is over for this client
+            return _error(msg, ERROR_SECAGG, f"secure aggregation, stage {stage}: {exc}")
+
+    return mod
+
+
+def _stage(msg: Message, context: Context, call_next, stage: str, trust: tuple) -> Message:
     record = msg.content.config_records[SECAGG_KEY]
-    try:
-        if stage == STAGE_ADVERTISE:
-            client = SecAggClient(int(record["client_id"]), config_from_record(record))
-            out = RecordDict({SECAGG_KEY: advertise_reply(client.advertise_keys())})
-        elif stage == STAGE_SHARE:
-            client = _load(context)
-            out = RecordDict({SECAGG_KEY: shares_record(STAGE_SHARE, client.share_keys(roster_from_request(record)))})
-        elif stage == STAGE_MASK:
-            if bool(record.get("simulate_drop", False)):
-                return _error(msg, ERROR_DROPPED, "simulated dropout after sharing keys")
-            client = _load(context)
-            received = shares_from_record(record)
-            _, sent_record = _single_array_record(msg.content, "the train message")
-            sent = _numpy(sent_record)
-            del msg.content.config_records[SECAGG_KEY]  # the train function sees a plain train message
-            reply = call_next(msg, context)
-            if reply.has_error():
-                return reply
-            _, trained_record = _single_array_record(reply.content, "the train reply")
-            update = _update_arrays(sent, _numpy(trained_record), str(record["update_mode"]))
-            dp = _dp_from_record(record)
-            if dp is not None:
-                update = ClientDPTransform(dp)(update)
-            vector = _vector(update, layout_from_str(str(record["layout"])))
-            masked_record, array_record = masked_reply(client.masked_input(vector, received), _num_examples(reply))
-            out = RecordDict({SECAGG_KEY: masked_record, MASKED_KEY: array_record})
-        elif stage == STAGE_UNMASK:
-            client = _load(context)
-            out = RecordDict({SECAGG_KEY: unmask_reply(client.unmask([int(s) for s in record["survivors"]]))})
-            del context.state.config_records[STATE_KEY]  # the round is over: forget its secrets
-            return Message(out, reply_to=msg)
-        else:
-            raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
-    except (SecAggError, ValueError, KeyError) as exc:
-        return _error(msg, ERROR_SECAGG, f"secure aggregation, stage {stage}: {exc}")
+    if stage == STAGE_ADVERTISE:
+        client = SecAggClient(int(record["client_id"]), config_from_record(record), *trust)
+        out = RecordDict({SECAGG_KEY: advertise_reply(client.advertise_keys())})
+    elif stage == STAGE_SHARE:
+        client = _load(context, trust)
+        out = RecordDict({SECAGG_KEY: shares_record(STAGE_SHARE, client.share_keys(roster_from_request(record)))})
+    elif stage == STAGE_MASK:
+        if bool(record.get("simulate_drop", False)):
+            return _error(msg, ERROR_DROPPED, "simulated dropout after sharing keys")
+        client = _load(context, trust)
+        reply = _masked(msg, context, call_next, client, record)
+        if isinstance(reply, Message):
+            return reply
+        out = reply
+    elif stage == STAGE_CONSISTENCY:
+        client = _load(context, trust)
+        out = RecordDict({SECAGG_KEY: signature_reply(client.sign_survivors([int(s) for s in record["survivors"]]))})
+    elif stage == STAGE_UNMASK:
+        client = _load(context, trust)
+        del context.state.config_records[STATE_KEY]  # one answer per round, whatever happens next
+        out = RecordDict({SECAGG_KEY: unmask_reply(client.unmask(*unmask_from_request(record)))})
+        return Message(out, reply_to=msg)
+    else:
+        raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
     context.state[STATE_KEY] = ConfigRecord({"client": client.to_bytes()})
     return Message(out, reply_to=msg)
 
 
-def _load(context: Context) -> SecAggClient:
+def _masked(msg: Message, context: Context, call_next, client: SecAggClient, record: ConfigRecord):
+    """Stage 3: check the DP parameters against the client's floors, train, clip + noise, mask."""
+    received = shares_from_record(record)
+    dp = _dp_from_record(record)
+    client.check_dp(dp.noise_multiplier if dp else None, dp.min_clients if dp else 1, dp.noise_at if dp else "client")
+    _, sent_record = _single_array_record(msg.content, "the train message")
+    sent = _numpy(sent_record)
+    del msg.content.config_records[SECAGG_KEY]  # the train function sees a plain train message
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    _, trained_record = _single_array_record(reply.content, "the train reply")
+    update = _update_arrays(sent, _numpy(trained_record), str(record["update_mode"]))
+    if dp is not None:
+        update = ClientDPTransform(dp)(update)
+    vector = _vector(update, layout_from_str(str(record["layout"])))
+    masked_record, array_record = masked_reply(client.masked_input(vector, received), _num_examples(reply))
+    return RecordDict({SECAGG_KEY: masked_record, MASKED_KEY: array_record})
+
+
+secagg_mod = make_secagg_mod()
+
+
+def _load(context: Context, trust: tuple) -> SecAggClient:
     record = context.state.config_records.get(STATE_KEY)
     if record is None:
         raise SecAggError("no secure-aggregation state on this node (stages out of order?)")
-    return SecAggClient.from_bytes(bytes(record["client"]))
+    return SecAggClient.from_bytes(bytes(record["client"]), *trust)
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:

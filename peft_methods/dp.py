@@ -15,8 +15,11 @@ who collude with the server and strip their own noise lower the protection to th
 noise shares (the README states this). With `noise_at="server"` the server adds all the noise after
 aggregation instead: private only against those who see the published model, not the server.
 
-Sampling: the accountant treats each client as included with probability q (Poisson sampling);
-Flower samples a fixed number per round, for which this is the standard approximation.
+Sampling: amplification by subsampling needs the sampling to be random and secret from the
+adversary. When the server chooses who trains (Flower's strategies do), it knows who is in each
+round and can pick a target every time, so by default (`sampling="server"`) the accountant takes no
+credit for it and charges every round at q = 1. `sampling="uniform"` credits q = clients per round /
+population (Poisson approximation): only for a trusted sampler, e.g. a simulation's own analysis.
 Noise is drawn with numpy's PCG64 seeded from the OS's entropy (floating-point Gaussian sampling has
 known side channels in theory, Mironov 2012; acceptable for these experiments, noted in the README).
 """
@@ -49,6 +52,8 @@ class DPConfig:
     max_epsilon: training stops before a round that would exceed it (inf: report only).
     min_clients: n_min, the fewest clients whose noise shares make up the sum (distributed noise).
     noise_at: "client" (distributed, works under secure aggregation) or "server" (trusted server).
+    sampling: "server" (the server picks the clients: account at q = 1, no amplification) or
+        "uniform" (a trusted uniform sampler: account at the sampling rate).
     """
 
     clip_norm: float
@@ -57,6 +62,7 @@ class DPConfig:
     max_epsilon: float = math.inf
     min_clients: int = 1
     noise_at: str = "client"
+    sampling: str = "server"
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0 or not math.isfinite(self.clip_norm):
@@ -71,6 +77,8 @@ class DPConfig:
             raise ValueError(f"min_clients must be >= 1 (got {self.min_clients})")
         if self.noise_at not in ("client", "server"):
             raise ValueError(f"noise_at must be 'client' or 'server' (got {self.noise_at!r})")
+        if self.sampling not in ("server", "uniform"):
+            raise ValueError(f"sampling must be 'server' or 'uniform' (got {self.sampling!r})")
 
     @property
     def client_noise_std(self) -> float:
@@ -201,7 +209,7 @@ class RoundPrivacy:
     epsilon: float
     delta: float
     noise_multiplier: float
-    sample_rate: float
+    sample_rate: float  # the rate the accountant used: 1.0 unless sampling is trusted to be uniform
 
 
 class PrivacyBudget:
@@ -220,9 +228,14 @@ class PrivacyBudget:
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.config.delta)
 
-    def epsilon_after_next(self, sample_rate: float) -> float:
+    def accounted_rate(self, sample_rate: float) -> float:
+        """The q the accountant charges: the sampling rate only when sampling is trusted, else 1."""
         _check_mechanism(self.config.noise_multiplier, sample_rate)
-        return self.accountant.epsilon(self.config.delta, extra=[(self.config.noise_multiplier, sample_rate, 1)])
+        return sample_rate if self.config.sampling == "uniform" else 1.0
+
+    def epsilon_after_next(self, sample_rate: float) -> float:
+        q = self.accounted_rate(sample_rate)
+        return self.accountant.epsilon(self.config.delta, extra=[(self.config.noise_multiplier, q, 1)])
 
     def check_next_round(self, sample_rate: float) -> float:
         """Epsilon after one more round; raises PrivacyBudgetExceeded if that passes max_epsilon."""
@@ -234,9 +247,9 @@ class PrivacyBudget:
         return projected
 
     def record_round(self, sample_rate: float) -> RoundPrivacy:
-        self.accountant.step(self.config.noise_multiplier, sample_rate)
-        entry = RoundPrivacy(len(self.rounds) + 1, self.epsilon, self.config.delta,
-                             self.config.noise_multiplier, sample_rate)
+        q = self.accounted_rate(sample_rate)
+        self.accountant.step(self.config.noise_multiplier, q)
+        entry = RoundPrivacy(len(self.rounds) + 1, self.epsilon, self.config.delta, self.config.noise_multiplier, q)
         self.rounds.append(entry)
         return entry
 

@@ -41,10 +41,14 @@ layout) <- `secagg_masks` (X25519/HKDF/ChaCha20) and `secagg_shamir` (sharing) <
 names and runs a whole round in process (`run_in_process`). `secagg_records` maps the messages to
 Flower records.
 
-Threat model: a semi-honest server (follows the protocol, tries to learn from what it sees) and up to
-t - 1 colluding parties in total. Against a malicious server that lies about who survived to
-different clients, Bonawitz et al. add a signed consistency round; this module omits it (stated in
-the README), and clients authenticate to the server with mTLS device identities instead.
+Against a malicious server (Bonawitz et al. section 4; `secagg_identity`): clients enforce their own
+`ClientPolicy` (t >= max(min_threshold, ceil(2n/3)), t >= the DP noise shares), accept only key
+advertisements signed by devices in their out-of-band roster, and between steps 3 and 4 run a
+consistency round: each survivor signs the survivor set it was told, and a client releases unmask
+shares only after checking >= t signatures over exactly the set it signed. Threat model: a server
+that deviates arbitrarily, colluding with up to t - 1 - n/3 clients; it learns only sums of >= t
+inputs. Not covered: a server that withholds messages (it can always abort a round) and clients
+colluding beyond that bound.
 """
 
 
@@ -58,6 +62,7 @@ from fedge.protocol.secagg_client_role import SecAggClient
 from fedge.protocol.secagg_config import (
     MODULUS,
     MODULUS_BITS,
+    ClientPolicy,
     SecAggConfig,
     SecAggError,
     VectorLayout,
@@ -66,17 +71,34 @@ from fedge.protocol.secagg_config import (
     flatten_arrays,
     unflatten_arrays,
 )
+from fedge.protocol.secagg_identity import DeviceIdentity, DeviceRoster
 from fedge.protocol.secagg_masks import expand_mask, pairwise_mask_seed
-from fedge.protocol.secagg_messages import AdvertisedKeys, EncryptedShare, MaskedInput, SecAggResult, UnmaskShares
+from fedge.protocol.secagg_messages import (
+    AdvertisedKeys,
+    EncryptedShare,
+    MaskedInput,
+    SecAggResult,
+    SurvivorSignature,
+    UnmaskShares,
+)
 from fedge.protocol.secagg_server_role import SecAggServer
 from fedge.protocol.secagg_shamir import FIELD_BYTES, FIELD_PRIME, shamir_combine, shamir_split
 
 __all__ = [
+    "ClientPolicy", "DeviceIdentity", "DeviceRoster", "SurvivorSignature", "make_clients",
     "FIELD_BYTES", "FIELD_PRIME", "MODULUS", "MODULUS_BITS", "AdvertisedKeys", "EncryptedShare", "MaskedInput",
     "SecAggClient", "SecAggConfig", "SecAggError", "SecAggResult", "SecAggServer", "UnmaskShares", "VectorLayout",
     "decode_fixed_point", "encode_fixed_point", "expand_mask", "flatten_arrays", "pairwise_mask_seed",
     "run_in_process", "shamir_combine", "shamir_split", "unflatten_arrays",
 ]
+
+
+def make_clients(ids: Iterable[int], config: SecAggConfig, policy: ClientPolicy | None = None,
+                 ) -> dict[int, SecAggClient]:
+    """Clients with fresh device identities ("device-<id>") and the roster of all of them (tests, simulations)."""
+    identities = {cid: DeviceIdentity.generate(f"device-{cid}") for cid in ids}
+    roster = DeviceRoster.of(identities.values())
+    return {cid: SecAggClient(cid, config, identity, roster, policy) for cid, identity in identities.items()}
 
 
 def run_in_process(
@@ -85,22 +107,24 @@ def run_in_process(
     drop_before_sharing: Iterable[int] = (),
     drop_after_sharing: Iterable[int] = (),
     drop_before_unmask: Iterable[int] = (),
+    policy: ClientPolicy | None = None,
 ) -> SecAggResult:
     """Run one round among `updates` (client id -> vector), dropping clients at the given steps.
 
     drop_before_sharing: advertised keys, then vanished (they are not in U2; nobody masks with them).
     drop_after_sharing: shared keys, then vanished before sending their masked input (the server
         recovers their pairwise masks from the survivors' shares).
-    drop_before_unmask: sent a masked input but no unmask response (counted in the sum).
+    drop_before_unmask: sent a masked input and signed the survivor set, but no unmask response.
     """
     before_sharing, after_sharing, before_unmask = set(drop_before_sharing), set(drop_after_sharing), \
         set(drop_before_unmask)
-    clients = {cid: SecAggClient(cid, config) for cid in updates}
+    clients = make_clients(updates, config, policy)
     server = SecAggServer(config)
     roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
     shares = {cid: c.share_keys(roster) for cid, c in clients.items() if cid not in before_sharing}
     inbox = server.route_shares(shares)
     inputs = [clients[cid].masked_input(updates[cid], inbox[cid]) for cid in inbox if cid not in after_sharing]
     survivors = server.collect_masked(inputs)
-    responses = [clients[cid].unmask(survivors) for cid in survivors if cid not in before_unmask]
+    signatures = server.collect_signatures([clients[cid].sign_survivors(survivors) for cid in survivors])
+    responses = [clients[cid].unmask(survivors, signatures) for cid in survivors if cid not in before_unmask]
     return server.unmask(responses)

@@ -8,6 +8,7 @@ Pure data and numpy: the crypto (`secagg_masks`, `secagg_shamir`) and both roles
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -72,6 +73,73 @@ class SecAggConfig:
         return cls(threshold=int(data["threshold"]), clip_range=float(data["clip_range"]),
                    max_clients=int(data["max_clients"]), vector_length=int(data["vector_length"]),
                    round_id=int(data.get("round_id", 0)))
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What a client demands of a round, configured on the device and never taken from the server.
+
+    A malicious server picks t, n and the DP parameters; these floors are what the client refuses to
+    go below, checked before it sends anything that depends on its secrets or its data.
+
+    min_threshold: t never below this, however few clients the server claims there are.
+    threshold_fraction: t >= ceil(fraction * n) for a roster of n. With 2/3 any two sets of t clients
+        overlap in >= n/3 of them, so a server cannot split honest clients into two groups that
+        each reach t (Bonawitz et al. 2017 need t > 2n/3 against a malicious server with n/3
+        corrupt clients); the signed consistency round then makes all survivors agree on one set.
+    require_signatures: key advertisements and survivor sets must be signed by devices in the
+        client's roster (False: trust the server to relay keys honestly, semi-honest model only).
+    min_noise_multiplier: > 0 refuses rounds without client-side DP noise at least this strong.
+    """
+
+    min_threshold: int = 3
+    threshold_fraction: float = 2 / 3
+    require_signatures: bool = True
+    min_noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_threshold < 2:
+            raise ValueError(f"min_threshold must be >= 2 (got {self.min_threshold})")
+        if not 0.5 <= self.threshold_fraction <= 1:
+            raise ValueError(f"threshold_fraction must be in [0.5, 1] (got {self.threshold_fraction})")
+
+    def required_threshold(self, n: int) -> int:
+        return max(self.min_threshold, math.ceil(self.threshold_fraction * n - 1e-9))
+
+    def check_config(self, config: SecAggConfig) -> None:
+        """At key advertisement: the server's t against the fixed floor."""
+        if config.threshold < self.min_threshold:
+            raise SecAggError(f"server asked for threshold {config.threshold}, below this client's minimum "
+                              f"{self.min_threshold}: refusing the round")
+
+    def check_roster(self, config: SecAggConfig, n: int) -> None:
+        """Before sharing keys: t against the roster size the client actually sees."""
+        if n > config.max_clients:
+            raise SecAggError(f"roster of {n} exceeds max_clients {config.max_clients}: the sum could wrap")
+        needed = self.required_threshold(n)
+        if config.threshold < needed:
+            raise SecAggError(f"threshold {config.threshold} is below this client's floor {needed} for {n} clients "
+                              f"(max({self.min_threshold}, ceil({self.threshold_fraction:.3f} n))): refusing to share")
+
+    def check_dp(self, config: SecAggConfig, noise_multiplier: float | None, noise_shares: int,
+                 noise_at: str = "client") -> None:
+        """Before masking: the sum of any t survivors must carry the noise DP asks for.
+
+        Each client adds sigma C / sqrt(noise_shares); only a sum of >= noise_shares of them has std
+        sigma C, and the server can stop at t survivors, so t must be >= noise_shares.
+        """
+        if noise_multiplier is None:
+            if self.min_noise_multiplier > 0:
+                raise SecAggError("this client requires DP noise and the server sent no DP parameters")
+            return
+        if noise_at != "client" and self.min_noise_multiplier > 0:
+            raise SecAggError(f"noise_at={noise_at!r}: the server would add the noise; this client adds its own")
+        if noise_multiplier < self.min_noise_multiplier:
+            raise SecAggError(f"noise multiplier {noise_multiplier} is below this client's minimum "
+                              f"{self.min_noise_multiplier}")
+        if noise_at == "client" and config.threshold < noise_shares:
+            raise SecAggError(f"threshold {config.threshold} is below the {noise_shares} noise shares DP needs: "
+                              "a sum of t survivors would carry too little noise")
 
 
 def encode_fixed_point(values: np.ndarray, config: SecAggConfig) -> tuple[np.ndarray, int]:

@@ -18,6 +18,8 @@ class AdvertisedKeys:
     client_id: int
     cipher_public_key: bytes
     mask_public_key: bytes
+    device_id: str = ""  # the device whose signing key signed this advertisement
+    signature: bytes = b""  # Ed25519 over secagg_identity.advertisement_message(...)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class MaskedInput:
     masked: np.ndarray  # uint32, config.vector_length
     self_seed_commitment: bytes  # SHA-256 of the seed: lets the server check its reconstruction
     n_clipped: int = 0
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """Consistency round, client -> server -> survivors: a client's signature over the survivor set it was told."""
+
+    client_id: int
+    signature: bytes  # Ed25519 over secagg_identity.survivors_message(config, survivors)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from fedge.protocol.secagg import (
     EncryptedShare,
     MaskedInput,
     SecAggConfig,
+    SurvivorSignature,
     UnmaskShares,
     VectorLayout,
 )
@@ -25,6 +26,7 @@ DP_KEY = "fedge.dp"
 MASKED_KEY = "fedge.secagg.masked"
 STATE_KEY = "fedge.secagg.state"
 STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASK, STAGE_UNMASK = "advertise", "share", "mask", "unmask"
+STAGE_CONSISTENCY = "consistency"
 UPDATE_DELTA, UPDATE_DIRECT = "delta", "direct"
 
 
@@ -62,23 +64,28 @@ def advertise_request(config: SecAggConfig, client_id: int) -> ConfigRecord:
 
 def advertise_reply(keys: AdvertisedKeys) -> ConfigRecord:
     return ConfigRecord({"stage": STAGE_ADVERTISE, "client_id": keys.client_id,
-                         "cipher_pk": keys.cipher_public_key, "mask_pk": keys.mask_public_key})
+                         "cipher_pk": keys.cipher_public_key, "mask_pk": keys.mask_public_key,
+                         "device_id": keys.device_id, "signature": keys.signature})
 
 
 def keys_from_reply(record: ConfigRecord) -> AdvertisedKeys:
-    return AdvertisedKeys(int(record["client_id"]), bytes(record["cipher_pk"]), bytes(record["mask_pk"]))
+    return AdvertisedKeys(int(record["client_id"]), bytes(record["cipher_pk"]), bytes(record["mask_pk"]),
+                          str(record.get("device_id", "")), bytes(record.get("signature", b"")))
 
 
 # stage 2
 def share_request(roster: list[AdvertisedKeys]) -> ConfigRecord:
     return ConfigRecord({"stage": STAGE_SHARE, "ids": [a.client_id for a in roster],
                          "cipher_pks": [a.cipher_public_key for a in roster],
-                         "mask_pks": [a.mask_public_key for a in roster]})
+                         "mask_pks": [a.mask_public_key for a in roster],
+                         "device_ids": [a.device_id for a in roster],
+                         "signatures": [a.signature for a in roster]})
 
 
 def roster_from_request(record: ConfigRecord) -> list[AdvertisedKeys]:
-    return [AdvertisedKeys(int(i), bytes(c), bytes(m))
-            for i, c, m in zip(record["ids"], record["cipher_pks"], record["mask_pks"], strict=True)]
+    return [AdvertisedKeys(int(i), bytes(c), bytes(m), str(d), bytes(s))
+            for i, c, m, d, s in zip(record["ids"], record["cipher_pks"], record["mask_pks"], record["device_ids"],
+                                     record["signatures"], strict=True)]
 
 
 def shares_record(stage: str, shares: list[EncryptedShare]) -> ConfigRecord:
@@ -109,9 +116,31 @@ def masked_from_reply(content: RecordDict) -> tuple[MaskedInput, int]:
                        int(record["n_clipped"])), int(record["num_examples"])
 
 
-# stage 4
-def unmask_request(survivors: list[int]) -> ConfigRecord:
-    return ConfigRecord({"stage": STAGE_UNMASK, "survivors": survivors})
+# stage 4: the consistency round
+def consistency_request(survivors: list[int]) -> ConfigRecord:
+    return ConfigRecord({"stage": STAGE_CONSISTENCY, "survivors": survivors})
+
+
+def signature_reply(signature: SurvivorSignature) -> ConfigRecord:
+    return ConfigRecord({"stage": STAGE_CONSISTENCY, "client_id": signature.client_id,
+                         "signature": signature.signature})
+
+
+def signature_from_reply(record: ConfigRecord) -> SurvivorSignature:
+    return SurvivorSignature(int(record["client_id"]), bytes(record["signature"]))
+
+
+# stage 5
+def unmask_request(survivors: list[int], signatures: list[SurvivorSignature]) -> ConfigRecord:
+    return ConfigRecord({"stage": STAGE_UNMASK, "survivors": survivors,
+                         "signers": [s.client_id for s in signatures],
+                         "signatures": [s.signature for s in signatures]})
+
+
+def unmask_from_request(record: ConfigRecord) -> tuple[list[int], list[SurvivorSignature]]:
+    signatures = [SurvivorSignature(int(c), bytes(s))
+                  for c, s in zip(record["signers"], record["signatures"], strict=True)]
+    return [int(s) for s in record["survivors"]], signatures
 
 
 def unmask_reply(shares: UnmaskShares) -> ConfigRecord:

@@ -22,6 +22,7 @@ from fedge.protocol.secagg_messages import (
     EncryptedShare,
     MaskedInput,
     SecAggResult,
+    SurvivorSignature,
     UnmaskShares,
     check_client_id,
 )
@@ -33,6 +34,7 @@ class _ServerState:
     roster: dict[int, AdvertisedKeys] = field(default_factory=dict)
     sharers: list[int] = field(default_factory=list)  # U2
     masked: dict[int, MaskedInput] = field(default_factory=dict)  # U3
+    signatures: dict[int, SurvivorSignature] = field(default_factory=dict)  # U4: confirmed U3
     step: int = 0
 
 
@@ -110,12 +112,22 @@ class SecAggServer:
         return sorted(self._state.masked)
 
     # step 4
+    def collect_signatures(self, signatures: Sequence[SurvivorSignature]) -> list[SurvivorSignature]:
+        """The consistency round: survivors' signatures over U3, relayed to all of them with the unmask request."""
+        self._advance(3, "collect_signatures")
+        for s in signatures:
+            if s.client_id in self._state.masked and s.client_id not in self._state.signatures:
+                self._state.signatures[s.client_id] = s
+        self._require(len(self._state.signatures), "survivors confirmed the survivor set")
+        return [self._state.signatures[c] for c in sorted(self._state.signatures)]
+
+    # step 5
     def unmask(self, responses: Sequence[UnmaskShares]) -> SecAggResult:
         """Reconstruct what cancels the masks from >= t responses and return the decoded sum."""
-        self._advance(3, "unmask")
+        self._advance(4, "unmask")
         survivors = sorted(self._state.masked)
         dropped = sorted(set(self._state.sharers) - set(survivors))
-        responders = {r.client_id: r for r in responses if r.client_id in self._state.masked}
+        responders = {r.client_id: r for r in responses if r.client_id in self._state.signatures}
         self._require(len(responders), "survivors answered the unmask request")
         length, round_id = self.config.vector_length, self.config.round_id
 

@@ -46,7 +46,7 @@ def test_accountant_matches_gaussian_rdp_closed_form_without_sampling():
 
 
 def test_budget_stops_before_exceeding():
-    config = DPConfig(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, max_epsilon=4.0)
+    config = DPConfig(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, max_epsilon=4.0, sampling="uniform")
     budget = PrivacyBudget(config)
     epsilons = []
     with pytest.raises(PrivacyBudgetExceeded, match="would bring epsilon"):
@@ -57,6 +57,24 @@ def test_budget_stops_before_exceeding():
     assert epsilons == sorted(epsilons) and epsilons[-1] <= 4.0
     assert budget.epsilon_after_next(0.2) > 4.0
     assert [r.round for r in budget.rounds] == list(range(1, len(epsilons) + 1))
+
+
+def test_server_chosen_sampling_gets_no_amplification():
+    # the server picks 20% of the clients: it knows who is in the round, so the epsilon must be that of
+    # q = 1 (every round charged in full), not of a secret 20% sample
+    server = PrivacyBudget(DPConfig(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5))
+    trusted = PrivacyBudget(DPConfig(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, sampling="uniform"))
+    full = RDPAccountant()
+    for _ in range(5):
+        server.record_round(sample_rate=0.2)
+        trusted.record_round(sample_rate=0.2)
+        full.step(1.0, 1.0)
+    assert server.epsilon == pytest.approx(full.epsilon(1e-5), rel=1e-12)
+    assert [r.sample_rate for r in server.rounds] == [1.0] * 5
+    assert trusted.epsilon < server.epsilon / 2  # the credit a malicious sampler would have been given
+    assert server.epsilon_after_next(0.2) == pytest.approx(server.epsilon_after_next(1.0))
+    with pytest.raises(ValueError, match="sampling"):
+        DPConfig(clip_norm=1.0, noise_multiplier=1.0, sampling="poisson-ish")
 
 
 def test_calibration_hits_target():
