@@ -34,13 +34,16 @@ def _device_ids(args: argparse.Namespace) -> list[str]:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from fedge.protocol.secagg import SecAggError
+    from fedge.protocol.secagg_identity import create_device_signing_keys
     from fedge.protocol.tls import CertificateError, create_certificates
 
     try:
         devices = _device_ids(args)
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
         paths = create_certificates(args.out, devices=devices, hosts=hosts, days=args.days, overwrite=args.overwrite)
-    except CertificateError as exc:
+        roster = create_device_signing_keys(paths.root, devices, overwrite=args.overwrite)
+    except (CertificateError, SecAggError) as exc:
         print(f"fedge: {exc}", file=sys.stderr)
         return 2
     print(f"certificates in {paths.root}:")
@@ -49,4 +52,5 @@ def _create(args: argparse.Namespace) -> int:
     for device_id in devices:
         print(f"  device {device_id:<10}{paths.device_cert(device_id)}")
     print(f"  adapter signing  {paths.signing_key} (public: {paths.signing_public_key})")
+    print(f"  secagg signing   devices/<id>.sign.key; roster of device keys {roster} (ship it to every client)")
     return 0

@@ -255,7 +255,7 @@ def crypto_microbenchmark(vector_length: int, clients: int, dropout: float, repe
     rng = np.random.default_rng(0)
     updates = {i + 1: rng.normal(0, 0.01, vector_length) for i in range(clients)}
     dropped = list(range(1, int(round(dropout * clients)) + 1))
-    config = SecAggConfig(threshold=max(2, math.ceil(0.6 * clients)), clip_range=1.0, max_clients=clients,
+    config = SecAggConfig(threshold=max(3, math.ceil(2 * clients / 3)), clip_range=1.0, max_clients=clients,
                           vector_length=vector_length)
     secure, plain = [], []
     for _ in range(repeats):
