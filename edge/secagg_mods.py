@@ -22,6 +22,7 @@ The client's secret state between stages lives in `context.state`, which stays o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ def make_secagg_mod(keys_dir: str | Path | None = None, policy: ClientPolicy | N
             return call_next(msg, context)
         try:
             identity, roster = credentials(context)
-            return _stage(msg, context, call_next, stage, (identity, roster, policy))
+            # keys configured on the node (node config) always mean: verify peers against the roster
+            active = policy if identity is None else replace(policy, require_signatures=True)
+            return _stage(msg, context, call_next, stage, (identity, roster, active))
         except (SecAggError, ValueError, KeyError, TypeError) as exc:
             context.state.config_records.pop(STATE_KEY, None)  # a refused round is over for this client
             return _error(msg, ERROR_SECAGG, f"secure aggregation, stage {stage}: {exc}")
