@@ -28,6 +28,9 @@ def _add_serve(cloud: argparse._SubParsersAction) -> None:
     serve.add_argument("--idle-timeout-s", type=float, default=300.0)
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
+    serve.add_argument("--adapter-pubkey", default=None,
+                       help="Ed25519 public key (PEM, e.g. from `fedge certs create`); only versions signed "
+                            "with it are served")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -39,4 +42,5 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     idle_timeout_s=args.idle_timeout_s, max_batch=args.max_batch)
     return serve(ServeConfig(model=args.model, host=args.host, port=args.port, address=args.address,
                              replicas=args.replicas, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
-                             max_message_bytes=args.max_message_bytes, adapters_dir=args.adapters, limits=limits))
+                             max_message_bytes=args.max_message_bytes, adapters_dir=args.adapters,
+                             adapter_pubkey=args.adapter_pubkey, limits=limits))

@@ -18,12 +18,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import torch
 
+from fedge.cloud.adapter_registry import AdapterRegistry
 from fedge.cloud.batching import BatchedTargetSequence, batched_forward
-from fedge.cloud.multi_lora import AdapterBank
+from fedge.cloud.multi_lora import AdapterBank, AdapterLoadError
 from fedge.kernels.verify import verify
 from fedge.protocol.codecs import validate_sparse_q
 from fedge.sampling import SamplingParams
@@ -147,19 +147,16 @@ class _Work:
 
 class VerifierEngine:
     def __init__(self, model: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 limits: Limits | None = None, shard: int = 0, adapter_versions: tuple[str, ...] = (),
-                 adapters_root: str | Path | None = None):
+                 limits: Limits | None = None, shard: int = 0, adapters: AdapterRegistry | None = None):
         self.model = model.eval()
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.limits = limits or Limits()
         self.shard = shard
-        self.adapter_versions = set(adapter_versions)
-        # every published version is served over the one base model, chosen per batch row
+        # every published version is served over the one base model, chosen per batch row; the
+        # registry verifies each version's signature, loaded on first use (published while running too)
+        self.adapter_registry = adapters
         self.adapters = AdapterBank(self.model)
-        if adapters_root is not None:
-            for version in sorted(self.adapter_versions):
-                self.adapters.load(version, Path(adapters_root) / version)
         self.vocab_size = int(model.config.vocab_size)
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or self.limits.max_session_tokens)
         self.max_tokens = min(self.limits.max_session_tokens, max_pos)
@@ -175,6 +172,7 @@ class VerifierEngine:
     def open_session(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
                      params: SamplingParams, prompt_ids: list[int], seed: int = 0) -> OpenedSession:
         self._check_open(tokenizer_fingerprint, model_fingerprint, adapter_version, prompt_ids)
+        adapter_row = self._adapter_row(adapter_version)
         with self._lock:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise VerifierError("RESOURCE_EXHAUSTED", f"this replica holds its limit of "
@@ -182,7 +180,7 @@ class VerifierEngine:
             sid = f"s{self.shard}-{uuid.uuid4().hex}"
             sequence = BatchedTargetSequence(prompt_ids)
             entry = SessionEntry(sid, TargetVerifierSession.over(sequence, params, seed, self.vocab_size), sequence,
-                                 adapter_row=self.adapters.index.get(adapter_version, -1))
+                                 adapter_row=adapter_row)
             self.sessions[sid] = entry
         start = time.perf_counter()
         # prefill all but the last prompt token now, so the first round only feeds 1 + k positions
@@ -192,6 +190,24 @@ class VerifierEngine:
                 self.forwards += 1
         return OpenedSession(session_id=sid, position=len(entry.tokens), max_draft_len=self.limits.max_draft_len,
                              max_q_support=self.limits.max_q_support, prefill_s=time.perf_counter() - start)
+
+    def _adapter_row(self, version: str) -> int:
+        """The bank row of a served version, loading its verified bytes on first use; NOT_FOUND with
+        the registry's reason for a version it does not serve (unknown, unsigned, tampered, ...)."""
+        if not version:
+            return -1
+        try:
+            if self.adapter_registry is None:
+                raise KeyError(f"adapter version {version[:80]!r} is not served here (no adapter registry)")
+            published = self.adapter_registry.snapshot(version).get(version)
+        except KeyError as exc:
+            raise VerifierError("NOT_FOUND", str(exc.args[0])) from None
+        key = f"{version}@{published.digest}"  # a replaced directory is a different adapter
+        with self._forward_lock:  # loading rewires the target's linears: never during a forward
+            try:
+                return self.adapters.load_verified(key, published.files)
+            except AdapterLoadError as exc:
+                raise VerifierError("FAILED_PRECONDITION", str(exc)) from None
 
     def _check_open(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
                     prompt_ids: list[int]) -> None:
@@ -203,9 +219,6 @@ class VerifierEngine:
             raise VerifierError("FAILED_PRECONDITION",
                                 f"the draft was derived from base model {model_fingerprint!r}, the cloud serves "
                                 f"{self.model_fingerprint!r}")
-        if adapter_version and adapter_version not in self.adapter_versions:
-            raise VerifierError("NOT_FOUND", f"adapter version {adapter_version!r} is not served here "
-                                             f"(have: {sorted(self.adapter_versions) or 'none'})")
         if not prompt_ids:
             raise VerifierError("INVALID_ARGUMENT", "prompt_ids must not be empty")
         self._check_ids(prompt_ids, "prompt_ids")

@@ -80,6 +80,11 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         return shard
 
     async def OpenSession(self, request, context):
+        if request.adapter_version:  # the snapshot Health and Fetch see decides; the replica verifies again
+            try:
+                (await asyncio.to_thread(self.registry.snapshot, request.adapter_version)).get(request.adapter_version)
+            except KeyError as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         # new sessions go round-robin over the replicas; the id pins them there afterwards
         shard = self._next % len(self.handles)
         self._next += 1
@@ -133,11 +138,12 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i.forwards for i in infos),
             tokens_generated=sum(i.tokens_generated for i in infos), forward_s=sum(i.forward_s for i in infos),
             serving_cpu_s=process_cpu_s() + sum(i.process_cpu_s for i in infos),
-            adapter_versions=self.registry.versions())
+            adapter_versions=(await asyncio.to_thread(self.registry.snapshot)).versions())
 
 
 class AdaptersIngress(fedge_pb2_grpc.AdaptersServicer):
-    """Published adapters to edges, in checksummed chunks under the message limit."""
+    """Published adapters to edges, in checksummed chunks under the message limit: the verified
+    bytes of one registry snapshot (a refused version is NOT_FOUND, with its reason)."""
 
     def __init__(self, registry: AdapterRegistry, chunk_bytes: int):
         self.registry = registry
@@ -145,7 +151,8 @@ class AdaptersIngress(fedge_pb2_grpc.AdaptersServicer):
 
     async def Fetch(self, request, context):
         try:
-            chunks = list(self.registry.chunks(request.version, self.chunk_bytes))
+            snapshot = await asyncio.to_thread(self.registry.snapshot, request.version)
+            chunks = list(snapshot.chunks(request.version, self.chunk_bytes))
         except KeyError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         for c in chunks:

@@ -45,6 +45,8 @@ class ServeConfig:
     batch_wait_ms: float = 30.0  # at most this long a round waits for other sessions' rounds
     max_message_bytes: int = 1 << 20
     adapters_dir: str | None = None
+    adapter_pubkey: str | None = None  # Ed25519 public key (PEM) every served adapter version must verify under
+    adapter_poll_s: float = 2.0  # how often the registry is rescanned for new versions
     limits: Limits = field(default_factory=Limits)
     tls_dir: str | None = None  # a `fedge certs create` directory: mutual TLS, device certificates required
 
@@ -61,6 +63,7 @@ class CloudServer:
         import ray
         from ray import serve
 
+        AdapterRegistry(self.cfg.adapters_dir, self.cfg.adapter_pubkey)  # a bad key path stops us here, clearly
         ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=True,
                  logging_level="warning", configure_logging=True)
         # no HTTP proxy (the gRPC ingress is ours, and two clouds on one host would fight over its port)
@@ -68,7 +71,7 @@ class CloudServer:
         replica = verifier_deployment()
         cfg = self.cfg
         return [serve.run(replica.bind(cfg.model, cfg.limits, shard, cfg.threads, cfg.batch_wait_ms,
-                                       cfg.adapters_dir),
+                                       cfg.adapters_dir, cfg.adapter_pubkey, cfg.adapter_poll_s),
                           name=f"fedge-verifier-{shard}", route_prefix=None)
                 for shard in range(cfg.replicas)]
 
@@ -76,7 +79,9 @@ class CloudServer:
         handles = await asyncio.to_thread(self.start_ray)
         # fingerprints for Health, from the weights the replicas actually loaded
         static = await handles[0].info.remote()
-        registry = AdapterRegistry(self.cfg.adapters_dir)
+        registry = AdapterRegistry(self.cfg.adapters_dir, self.cfg.adapter_pubkey, static.model_fingerprint,
+                                   poll_s=self.cfg.adapter_poll_s)
+        await asyncio.to_thread(registry.snapshot)  # logs every skipped version at start
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.cfg.max_message_bytes),
                                                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
                                                ("grpc.so_reuseport", 0)])

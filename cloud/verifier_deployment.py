@@ -29,7 +29,7 @@ def verifier_deployment():
                       logging_config={"enable_access_log": False, "log_level": "WARNING"})
     class VerifierReplica:
         def __init__(self, model: str, limits: Limits, shard: int, threads: int, batch_wait_ms: float,
-                     adapters_dir: str | None):
+                     adapters_dir: str | None, adapter_pubkey: str | None = None, adapter_poll_s: float = 2.0):
             import torch
 
             from fedge.models import load_model, model_fingerprint, tokenizer_fingerprint
@@ -37,9 +37,11 @@ def verifier_deployment():
             # Ray pins OMP threads to the actor's num_cpus (0 here); the forward wants the cores
             torch.set_num_threads(threads or os.cpu_count() or 1)
             target, tokenizer = load_model(model)
-            self.engine = VerifierEngine(target, model_fingerprint(target), tokenizer_fingerprint(tokenizer),
-                                         limits, shard, tuple(AdapterRegistry(adapters_dir).versions()),
-                                         adapters_root=adapters_dir)
+            fingerprint = model_fingerprint(target)
+            adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
+                                       min_rescan_s=0.0)  # only versions the ingress approved get here
+            self.engine = VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard,
+                                         adapters=adapters)
             self.scheduler = ContinuousBatchScheduler(self.engine, batch_wait_ms / 1000)
             self._stop = threading.Event()
             threading.Thread(target=self._reap, daemon=True).start()

@@ -31,6 +31,11 @@ def read_lora_adapter(adapter_dir: str | Path) -> LoraFile:
         state = load_file(str(adapter_dir / "adapter_model.safetensors"))
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"{adapter_dir} is not a readable peft adapter: {exc}") from exc
+    return lora_from_state(config, state, str(adapter_dir))
+
+
+def lora_from_state(config: dict, state: dict[str, torch.Tensor], adapter_dir: str = "adapter") -> LoraFile:
+    """The (A, B) pairs of an adapter already in memory (e.g. verified signed bytes)."""
     if config.get("use_dora"):
         raise AdapterFileError(f"{adapter_dir} is a DoRA adapter; only LoRA applies outside peft")
     pairs = {}
@@ -43,4 +48,7 @@ def read_lora_adapter(adapter_dir: str | Path) -> LoraFile:
             pairs[name] = (tensor_a, state[key_b])
     if not pairs:
         raise AdapterFileError(f"{adapter_dir} holds no LoRA tensors")
-    return LoraFile(scale=float(config["lora_alpha"]) / float(config["r"]), pairs=pairs)
+    try:
+        return LoraFile(scale=float(config["lora_alpha"]) / float(config["r"]), pairs=pairs)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise AdapterFileError(f"{adapter_dir}: adapter_config.json has no usable lora_alpha/r: {exc!r}") from exc
