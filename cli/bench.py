@@ -1,4 +1,4 @@
-"""`fedge bench speculative|kernels`: benchmarks that print a table and write JSON."""
+"""`fedge bench speculative|kernels|draft-training`: benchmarks that print a table and write JSON."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         dest="action", required=True)
     _add_speculative(bench)
     _add_kernels(bench)
+    _add_draft_training(bench)
 
 
 def _add_speculative(bench: argparse._SubParsersAction) -> None:
@@ -38,3 +39,30 @@ def _add_kernels(bench: argparse._SubParsersAction) -> None:
     kernel_bench.add_argument("--budget", type=float, default=0.5, help="seconds of timing per function")
     kernel_bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     kernel_bench.set_defaults(func=run_lazily("fedge.simulations.bench_kernels", output_files=("json",)))
+
+
+def _add_draft_training(bench: argparse._SubParsersAction) -> None:
+    from fedge.models import DEFAULT_MODEL
+
+    draft = bench.add_parser("draft-training", help="LoRA trained on the int4 draft vs on the fp32 target: "
+                                                    "utility, peak RSS, s/step, speculative acceptance")
+    draft.add_argument("--model", default=DEFAULT_MODEL)
+    draft.add_argument("--quant", default="int4", choices=["int4", "int8"])
+    draft.add_argument("--draft-layers", type=int, default=0, help="also train on a truncated draft of N layers")
+    draft.add_argument("--datasets", default="stdlib,gsm8k", help="comma list of stdlib, gsm8k")
+    draft.add_argument("--data-dir", default=None, help="holds gsm8k/train.jsonl (default: $FEDGE_DATA_DIR)")
+    draft.add_argument("--steps", type=int, default=30, help="local steps (same on every side)")
+    draft.add_argument("--batch-size", type=int, default=4)
+    draft.add_argument("--seq-len", type=int, default=128)
+    draft.add_argument("--lr", type=float, default=3e-3)
+    draft.add_argument("--rank", type=int, default=8)
+    draft.add_argument("--targets", default="q_proj,v_proj")
+    draft.add_argument("--method", default="fedavg", help="which factors train (fedavg: A and B; ffa: B only)")
+    draft.add_argument("--eval-examples", type=int, default=32, help="held-out examples per dataset")
+    draft.add_argument("--prompts", type=int, default=4, help="prompts per dataset for acceptance")
+    draft.add_argument("--max-new-tokens", type=int, default=48)
+    draft.add_argument("--threads", type=int, default=2, help="torch threads of each training client")
+    draft.add_argument("--seed", type=int, default=0)
+    draft.add_argument("--quick", action="store_true", help="6 steps, short windows, 2 prompts")
+    draft.add_argument("--json", default=default_output("bench-draft-training", "bench-draft-training.json"))
+    draft.set_defaults(func=run_lazily("fedge.simulations.bench_draft_training", output_files=("json",)))

@@ -18,7 +18,7 @@ GROUPS = {
     "models": ["list", "pull"],
     "data": ["stats"],
     "draft": ["build"],
-    "bench": ["speculative", "kernels"],
+    "bench": ["speculative", "kernels", "draft-training"],
     "certs": ["create"],
     "simulate": ["federated", "phones"],
     "cloud": ["serve"],
@@ -27,8 +27,9 @@ GROUPS = {
 }
 TOP_LEVEL = [*GROUPS, "generate", "demo"]
 # Commands that write files and choose where by default (the others require --out).
-WRITES_BY_DEFAULT = {("bench", "speculative"), ("bench", "kernels"), ("simulate", "federated"),
-                     ("simulate", "phones"), ("privacy", "dp"), ("privacy", "secagg-time"), ("demo",)}
+WRITES_BY_DEFAULT = {("bench", "speculative"), ("bench", "kernels"), ("bench", "draft-training"),
+                     ("simulate", "federated"), ("simulate", "phones"), ("privacy", "dp"), ("privacy", "secagg-time"),
+                     ("demo",)}
 OUTPUT_OPTIONS = ("out", "json")
 
 
