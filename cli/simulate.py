@@ -150,5 +150,6 @@ def _add_phones(simulate: argparse._SubParsersAction) -> None:
                         help="the started cloud's --batch-wait-ms (how long rounds wait for each other)")
     phones.add_argument("--adapters", default=None, help="adapter registry dir the started cloud serves")
     phones.add_argument("--adapter-version", default="", help="sessions use this served adapter version")
+    phones.add_argument("--adapter-pubkey", default=None, help="the key the served adapters are signed with")
     phones.add_argument("--json", default=default_output("simulate-phones", "simulate-phones.json"))
     phones.set_defaults(func=run_lazily("fedge.simulations.phones", output_files=("json",)))

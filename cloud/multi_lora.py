@@ -76,6 +76,8 @@ class AdapterBank:
         if version in self.index:
             return self.index[version]
         key = load_public_key(trusted) if isinstance(trusted, (str, Path)) else trusted
+        if key is None:
+            raise AdapterLoadError(f"adapter {version!r}: no trusted public key given: unsigned adapters are refused")
         try:
             blobs, signed = read_verified_files(adapter_dir, key)
             AdapterMetadata.from_signed(signed, version)

@@ -102,26 +102,28 @@ def _federated(config: DemoConfig, run_dir: Path):
 
 
 def _save_adapter(fed, result, run_dir: Path) -> tuple[str, Path]:
-    """The global adapter in the registry, as version NNNN (the number of rounds it has seen)."""
+    """The trained global adapter, as version NNNN (the number of rounds it has seen); step 3 publishes it."""
     from fedge.simulations.federated import save_adapter
 
     version = f"{len(result.records) - 1:04d}"
-    adapter_dir = run_dir / "adapters" / version
+    adapter_dir = run_dir / "trained" / version
     save_adapter(fed, result.final_state, adapter_dir)
     return version, adapter_dir
 
 
 def _publish(config: DemoConfig, version: str, adapter_dir: Path, draft, run_dir: Path) -> None:
     """Step 3: the adapter published signed; a phone verifies it and folds it into its draft."""
+    from fedge.cloud.adapter_publisher import publish_version
     from fedge.edge.draft import merge_adapter_into_draft
-    from fedge.protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key, sign_adapter_dir
+    from fedge.protocol.signing import generate_signing_key, load_verified_adapter, save_signing_key
 
     _step(3, f"publish adapter {version}, signed; phones verify it and fold it into their draft")
     signing_key = generate_signing_key()
     save_signing_key(signing_key, run_dir / "adapter-signing.key", run_dir / "adapter-signing.pub")
-    sign_adapter_dir(adapter_dir, signing_key, {"version": version, "model": config.model})
-    load_verified_adapter(adapter_dir, signing_key.public_key())  # what an edge does before use
-    changed = merge_adapter_into_draft(draft, adapter_dir)  # what each phone does (again) in step 4
+    published = publish_version(run_dir / "adapters", adapter_dir, run_dir / "adapter-signing.key", config.model,
+                                version)
+    load_verified_adapter(published, signing_key.public_key())  # what an edge does before use
+    changed = merge_adapter_into_draft(draft, published)  # what each phone does (again) in step 4
     console.print(f"adapter {version}: signature verified, applies to {changed} draft layers")
 
 
@@ -135,7 +137,7 @@ def _serving(config: DemoConfig, draft_dir: Path, registry: Path, version: str, 
         phones=config.phones, rtt_ms=config.rtt_ms, jitter_ms=config.rtt_ms / 8, bandwidth_mbps=20.0, loss=0.0,
         model=config.model, draft=str(draft_dir), max_new_tokens=config.max_new_tokens, k_max=8, port=0,
         server=None, no_reference=False, json=str(serving_json), cloud_batch_wait_ms=200.0,
-        adapters=str(registry), adapter_version=version)
+        adapters=str(registry), adapter_version=version, adapter_pubkey=str(run_dir / "adapter-signing.pub"))
     if phones.main(phone_args) != 0:
         raise RuntimeError("the serving simulation failed (see above)")
     return json.loads(serving_json.read_text())

@@ -217,7 +217,7 @@ def _local_reference(args: argparse.Namespace, prompts: list[list[int]], stop: s
             from fedge.cloud.multi_lora import AdapterBank
 
             bank = AdapterBank(target)
-            bank.load(adapter_version, Path(args.adapters) / adapter_version)
+            bank.load(adapter_version, Path(args.adapters) / adapter_version, args.adapter_pubkey)
             stack.enter_context(bank.rows([bank.row_index(adapter_version)]))
         task = bar.add_task("local target greedy (reference)", total=len(set(map(tuple, prompts))))
         cache: dict[tuple, list[int]] = {}
@@ -237,6 +237,8 @@ def _start_phones_cloud(args: argparse.Namespace, console) -> tuple[subprocess.P
     console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
                   f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
     adapter_flags = ["--adapters", args.adapters] if getattr(args, "adapters", None) else []
+    if getattr(args, "adapter_pubkey", None):
+        adapter_flags += ["--adapter-pubkey", args.adapter_pubkey]
     proc = start_cloud(args.model, port, "--batch-wait-ms", str(args.cloud_batch_wait_ms), *adapter_flags)
     return proc, f"127.0.0.1:{port}"
 

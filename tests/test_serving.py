@@ -81,25 +81,40 @@ def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, tiny):
-    """A registry with two published peft LoRA versions (B = 0, so they leave the target's output
-    unchanged); the latest also carries a file bigger than one chunk."""
+def adapter_pubkey(tmp_path_factory):
+    """The key pair the registry's versions are signed with; the cloud and the edge trust its public half."""
+    from fedge.protocol.signing import generate_signing_key, save_signing_key
+
+    keys = tmp_path_factory.mktemp("adapter-keys")
+    save_signing_key(generate_signing_key(), keys / "signing.key", keys / "signing.pub")
+    return keys / "signing.pub"
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, tiny, adapter_pubkey):
+    """A registry with two signed, published peft LoRA versions (B = 0, so they leave the target's
+    output unchanged); the latest also carries a file bigger than one chunk."""
     from peft import LoraConfig, get_peft_model
+
+    from fedge.cloud.adapter_publisher import publish_version
 
     model, _ = tiny
     root = tmp_path_factory.mktemp("adapters")
     for version, rank in (("v0001", 4), ("v0002", 8)):
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank,
                                                                       target_modules=["q_proj", "v_proj"]))
-        peft_model.save_pretrained(root / version)
-    (root / "v0002" / "training_log.bin").write_bytes(os.urandom(300_000))
+        staged = tmp_path_factory.mktemp("trained") / version
+        peft_model.save_pretrained(staged)
+        if version == "v0002":
+            (staged / "training_log.bin").write_bytes(os.urandom(300_000))
+        publish_version(root, staged, adapter_pubkey.with_suffix(".key"), "tiny-random-llama", version)
     return root
 
 
 @pytest.fixture(scope="module")
-def cloud(adapters_dir):
+def cloud(adapters_dir, adapter_pubkey):
     port = free_port()
-    proc = start_cloud(port, "--adapters", str(adapters_dir))
+    proc = start_cloud(port, "--adapters", str(adapters_dir), "--adapter-pubkey", str(adapter_pubkey))
     yield f"127.0.0.1:{port}"
     stop_cloud(proc)
 
@@ -280,15 +295,15 @@ def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
     assert result.token_ids == autoregressive_generate(model, ids, 48)
 
 
-def test_adapters_stream_in_checksummed_chunks(cloud, adapters_dir, tiny, tmp_path):
-    version, names = fetch_adapter(cloud, "", str(tmp_path))  # "" = the latest
+def test_adapters_stream_in_checksummed_chunks(cloud, adapters_dir, adapter_pubkey, tiny, tmp_path):
+    version, names = fetch_adapter(cloud, "", str(tmp_path), adapter_pubkey)  # "" = the latest
     assert version == "v0002"
     assert {"adapter_config.json", "adapter_model.safetensors", "training_log.bin"} <= set(names)
     for name in names:
         assert (tmp_path / version / name).read_bytes() == (adapters_dir / version / name).read_bytes()
-    assert fetch_adapter(cloud, "v0001", str(tmp_path))[0] == "v0001"
+    assert fetch_adapter(cloud, "v0001", str(tmp_path / "older"), adapter_pubkey)[0] == "v0001"
     with pytest.raises(EdgeError, match="NOT_FOUND"):
-        fetch_adapter(cloud, "v9999", str(tmp_path))
+        fetch_adapter(cloud, "v9999", str(tmp_path), adapter_pubkey)
     # sessions name the adapter they were drafted with; the cloud serves only published ones
     model, tok = tiny
     channel, stub = _stub(cloud)
