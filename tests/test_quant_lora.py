@@ -196,3 +196,31 @@ def test_draft_lora_refuses_dora_and_merge(int4_draft_dir):
     model = get_peft_model(copy.deepcopy(load_draft(int4_draft_dir)[0]), draft_lora_config(SPEC))
     with pytest.raises(NotImplementedError, match="side path"):
         model.merge_and_unload()
+
+
+def test_training_model_on_drafts_has_the_targets_adapter_layout(tmp_path):
+    """`load_training_model`: cached per process; a full int4 draft's adapter has the target's keys and
+    shapes; a truncated draft's adapter lacks the dropped layers, which `get_state(fill_from=)` completes."""
+    from fedge.edge.draft import default_draft_dir
+    from fedge.edge.training_model import load_training_model
+    from fedge.peft_methods.quantized_lora import QuantizedLoraLinear
+
+    target = load_training_model("tiny-random-llama", SPEC, client_model="target")
+    draft = load_training_model("tiny-random-llama", SPEC, client_model="draft", quant="int4")
+    assert load_training_model("tiny-random-llama", SPEC, client_model="draft") is draft  # cached
+    assert (default_draft_dir("tiny-random-llama", None, "int4") / "draft.json").is_file()
+    assert any(isinstance(m, QuantizedLoraLinear) for m in draft.model.modules())
+    want = target.get_state()
+    got = draft.get_state()
+    assert got.keys() == want.keys()
+    for key, value in want.items():  # same shapes, and the same seeded init of A
+        assert got[key].shape == value.shape and torch.equal(got[key], value), key
+
+    short = load_training_model("tiny-random-llama", SPEC, client_model="draft", keep_layers=1)
+    partial = short.get_state()
+    assert partial and all(".layers.0." in k for k in partial) and set(partial) < set(want)
+    filled = short.get_state(fill_from=want)
+    assert filled.keys() == want.keys()
+    short.set_state(want)  # a full global adapter loads into the truncated draft (dropped layers ignored)
+    with pytest.raises(ValueError, match="client_model"):
+        load_training_model("tiny-random-llama", SPEC, client_model="phone")
