@@ -217,3 +217,36 @@ def test_edge_cloud_link_over_mutual_tls(certs):
         plain.close()
     finally:
         server.stop(grace=None)
+
+
+def test_signed_files_are_read_only_as_plain_files_inside_the_dir(tmp_path):
+    key = generate_signing_key()
+    adapter = _adapter_dir(tmp_path / "adapter")
+    sign_adapter_dir(adapter, key, metadata={"version": "adapter"})
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.safetensors").symlink_to(outside)  # identical bytes, but through a link
+    with pytest.raises(AdapterSignatureError, match="symlink"):
+        load_verified_adapter(adapter, key.public_key())
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(_adapter_dir(tmp_path / "real"), target_is_directory=True)
+    sign_adapter_dir(tmp_path / "real", key, metadata={"version": "real"})
+    with pytest.raises(AdapterSignatureError, match="symlink"):
+        load_verified_adapter(linked_dir, key.public_key())
+
+
+def test_signed_metadata_binds_the_version_name():
+    from fedge.protocol.signing import AdapterMetadata, check_plain_name
+
+    signed = {"version": "v000002", "sequence": 2, "base_model": "tiny-random-llama", "base_model_fingerprint": "ab"}
+    assert AdapterMetadata.from_signed(signed, "v000002").sequence == 2
+    with pytest.raises(AdapterSignatureError, match="relabelled"):
+        AdapterMetadata.from_signed(signed, "v000009")
+    for bad in ({**signed, "sequence": "2"}, {**signed, "sequence": True}, {**signed, "sequence": 0},
+                {**signed, "base_model_fingerprint": ""}):
+        with pytest.raises(AdapterSignatureError):
+            AdapterMetadata.from_signed(bad, "v000002")
+    for name in ("../x", "/etc/passwd", "a/b", "..", ".hidden", "", "x" * 200, "v..1"):
+        with pytest.raises(AdapterSignatureError, match="plain name"):
+            check_plain_name(name, "file name")
