@@ -16,6 +16,7 @@ restart. Fetch streams the very bytes that were verified, never re-opening a pat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -143,7 +144,12 @@ class AdapterRegistry:
             return RegistrySnapshot({}, {}, now)
         verdicts: dict[str, PublishedVersion | str] = {}
         cache = {}
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as exc:  # keep serving what was verified before
+            log.warning("adapter registry %s unreadable, keeping the last snapshot: %s", self.root, exc)
+            return dataclasses.replace(self._snapshot, taken_at=now)
+        for entry in entries:
             if entry.name.startswith(".") or (entry.is_file(follow_symlinks=False)):
                 continue  # publisher temp dirs, its state file, stray files
             stamp = _stamp(entry)
@@ -174,8 +180,10 @@ class AdapterRegistry:
             state, config = parse_adapter_blobs(files)
             lora_from_state(config, state, f"version {name!r}")  # a LoRA adapter, or refused here already
             return PublishedVersion(metadata, files)
-        except (AdapterSignatureError, AdapterFileError, OSError, UnicodeError) as exc:
+        except (AdapterSignatureError, AdapterFileError, OSError) as exc:
             return str(exc)
+        except Exception as exc:  # whatever a hostile file makes a parser raise: this version only is skipped
+            return f"malformed adapter: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _public_key(key: Ed25519PublicKey | str | Path | None) -> Ed25519PublicKey | None:

@@ -145,8 +145,8 @@ def _verify(files: dict[str, bytes], trusted: Ed25519PublicKey, got: str, versio
             base_model_fingerprint: str | None) -> AdapterMetadata:
     try:
         metadata = AdapterMetadata.from_signed(verify_received(files, trusted), got)
-    except AdapterSignatureError as exc:
-        raise AdapterFetchError(f"refusing adapter {got!r}: {exc}") from None
+    except (AdapterSignatureError, ValueError, TypeError) as exc:
+        raise AdapterFetchError(f"refusing adapter {got!r}: {str(exc)[:300]}") from None
     if base_model_fingerprint and metadata.base_model_fingerprint != base_model_fingerprint:
         raise AdapterFetchError(f"adapter {got!r} was trained on base model {metadata.base_model!r} "
                                 f"({metadata.base_model_fingerprint}), not {base_model_fingerprint}")

@@ -26,7 +26,13 @@ from fedge.cloud.scheduler import ContinuousBatchScheduler
 from fedge.edge.adapter_fetch import AdapterFetchError, FetchLimits, fetch_adapter
 from fedge.models import model_dir, model_fingerprint, tokenizer_fingerprint
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
-from fedge.protocol.signing import SIGNATURE_FILE, generate_signing_key, save_signing_key
+from fedge.protocol.signing import (
+    SIGNATURE_FILE,
+    generate_signing_key,
+    load_signing_key,
+    save_signing_key,
+    sign_adapter_dir,
+)
 from fedge.protocol.tls import create_certificates, device_channel_credentials, server_credentials
 
 BASE = "tiny-random-llama"
@@ -112,7 +118,11 @@ def _plant_bad_versions(registry: Path, tiny, keys, fingerprints, tmp_path: Path
     garbage = shutil.copytree(registry / "v000002", registry / "v000012")
     (garbage / SIGNATURE_FILE).write_text("{not json")
     publish(registry, src, keys, {**fingerprints, "base_model_fingerprint": "0" * 16}, version="v000013")
-    return {"v000003": "modified after signing", "v000004": "unsigned", "v000005": "invalid",
+    odd = shutil.copytree(registry / "v000002", registry / "v000014")  # signed by the right key, yet not LoRA
+    (odd / "adapter_config.json").write_text("[]")
+    metadata = json.loads((odd / SIGNATURE_FILE).read_text())["metadata"]
+    sign_adapter_dir(odd, load_signing_key(keys / "good.key"), {**metadata, "version": "v000014", "sequence": 14})
+    return {"v000014": "malformed", "v000003": "modified after signing", "v000004": "unsigned", "v000005": "invalid",
             "v000009": "relabelled", "v000010": "symlink", "v000011": "symlink", "v..2": "not a plain name",
             "v000012": "malformed", "v000013": "base model"}
 
