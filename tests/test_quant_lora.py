@@ -224,3 +224,19 @@ def test_training_model_on_drafts_has_the_targets_adapter_layout(tmp_path):
     short.set_state(want)  # a full global adapter loads into the truncated draft (dropped layers ignored)
     with pytest.raises(ValueError, match="client_model"):
         load_training_model("tiny-random-llama", SPEC, client_model="phone")
+
+
+def test_draft_with_fp32_norms_computes_what_the_bf16_draft_does(int4_draft_dir):
+    """Training loads the draft's float parts in fp32 (CPUs without bf16 units emulate bf16 slowly);
+    the packed weights are the same, so the logits agree up to bf16 rounding."""
+    from fedge.edge.draft import load_draft
+
+    bf16, _, _ = load_draft(int4_draft_dir)
+    fp32, _, _ = load_draft(int4_draft_dir, float_dtype=torch.float32)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 259, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = bf16(input_ids=ids).logits.float(), fp32(input_ids=ids).logits
+    assert _relative_error(b, a) < 3e-2
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
