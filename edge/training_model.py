@@ -13,8 +13,8 @@ serves it on the target unchanged.
 
 The call is cached per process (a Flower ClientApp calls it on every message; Ray actors and
 SuperNodes keep their process), keyed by everything that changes the model. A missing draft is
-built once into the fedge cache (`fedge.edge.draft.default_draft_dir`), atomically, so concurrent
-clients on one machine do not race.
+built once into the fedge cache (`fedge.edge.draft.default_draft_dir`), under a file lock and an
+atomic rename, so concurrent clients on one machine neither race nor build it twice.
 
 Evaluation stays on the target as served: `served_model` gives the fp32 target with the same
 adapter layout (the same object when the client trains the target).
@@ -82,21 +82,28 @@ def _adapted_draft(model_name: str, spec: AdapterSpec, quant: str, keep_layers: 
 
 
 def ensure_draft(model_name: str, quant: str = "int4", keep_layers: int | None = None) -> Path:
-    """The cached draft directory of `model_name`, built (once, atomically) if it is missing."""
+    """The cached draft directory of `model_name`, built once if it is missing.
+
+    Clients of one machine (Ray actors, SuperNodes) may all start at once: one builds under a file
+    lock while the others wait, and the directory appears by an atomic rename only when complete.
+    """
+    import fcntl
+
     from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir
 
     path = default_draft_dir(model_name, keep_layers, quant)
     if (path / "draft.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        build_draft(DraftSpec(target=model_name, keep_layers=keep_layers, quant=quant), staging, progress=False)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / "draft.json").is_file():  # built by the process that held the lock
+            return path
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
+            build_draft(DraftSpec(target=model_name, keep_layers=keep_layers, quant=quant), staging, progress=False)
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete directory left by an older version
             staging.rename(path)
-        except OSError:  # another process finished first: use its copy
-            if not (path / "draft.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
