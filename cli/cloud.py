@@ -26,6 +26,16 @@ def _add_serve(cloud: argparse._SubParsersAction) -> None:
     serve.add_argument("--batch-wait-ms", type=float, default=30.0,
                        help="at most this long a round waits for other active sessions' rounds to share a forward")
     serve.add_argument("--idle-timeout-s", type=float, default=300.0)
+    serve.add_argument("--max-sessions-per-device", type=int, default=8,
+                       help="per replica, for each authenticated device (mutual TLS)")
+    serve.add_argument("--max-tokens-per-device", type=int, default=32768,
+                       help="tokens one authenticated device may hold over its sessions, per replica")
+    serve.add_argument("--prefill-chunk", type=int, default=256,
+                       help="long prompts are prefilled this many tokens at a time, other rounds in between")
+    serve.add_argument("--tls-dir", default=None,
+                       help="a `fedge certs create` directory: mutual TLS, sessions bound to the device certificate")
+    serve.add_argument("--revoked", default=None,
+                       help="revoked device ids, one a line (default: <tls-dir>/revoked.txt, re-read on change)")
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--adapters", default=None, help="adapter registry dir (one sub-dir per version)")
     serve.add_argument("--adapter-pubkey", default=None,
@@ -39,8 +49,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from fedge.cloud.serve import ServeConfig, serve
 
     limits = Limits(max_sessions=args.max_sessions, max_draft_len=args.max_draft_len,
-                    idle_timeout_s=args.idle_timeout_s, max_batch=args.max_batch)
+                    idle_timeout_s=args.idle_timeout_s, max_batch=args.max_batch,
+                    max_sessions_per_device=args.max_sessions_per_device,
+                    max_tokens_per_device=args.max_tokens_per_device, prefill_chunk=args.prefill_chunk)
     return serve(ServeConfig(model=args.model, host=args.host, port=args.port, address=args.address,
                              replicas=args.replicas, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
                              max_message_bytes=args.max_message_bytes, adapters_dir=args.adapters,
-                             adapter_pubkey=args.adapter_pubkey, limits=limits))
+                             adapter_pubkey=args.adapter_pubkey, limits=limits, tls_dir=args.tls_dir,
+                             revoked_file=args.revoked))

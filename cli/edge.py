@@ -26,6 +26,8 @@ def _add_generate(edge: argparse._SubParsersAction) -> None:
     edge_gen.add_argument("--seed", type=int, default=0)
     edge_gen.add_argument("--reconcile-wait-s", type=float, default=10.0,
                           help="at the end, how long to wait for a lost cloud to verify the offline tail")
+    edge_gen.add_argument("--tls-dir", default=None, help="a `fedge certs create` directory: mutual TLS to the cloud")
+    edge_gen.add_argument("--device-id", default=None, help="this device's id (its certificate in --tls-dir)")
     edge_gen.add_argument("--rtt-ms", type=float, default=0.0, help="emulated network (testing)")
     edge_gen.add_argument("--jitter-ms", type=float, default=0.0)
     edge_gen.add_argument("--bandwidth-mbps", type=float, default=0.0)
@@ -42,10 +44,11 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         network = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss)
         cfg = EdgeConfig(server=args.server, k_max=args.k_max, fixed_k=parse_k(args.k),
-                         reconcile_wait_s=args.reconcile_wait_s, network=network)
+                         reconcile_wait_s=args.reconcile_wait_s, network=network, tls_dir=args.tls_dir,
+                         device_id=args.device_id)
         client = EdgeClient.from_draft_dir(args.server, args.draft, cfg)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    except (DraftError, ValueError) as exc:
+    except (DraftError, EdgeError, ValueError) as exc:
         print(f"fedge: {exc}", file=sys.stderr)
         return 2
     print(args.prompt, end="", flush=True)

@@ -18,6 +18,8 @@ Copying the caches costs one pass over them per round, which a batch-of-one HF f
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +42,13 @@ class KVBuffer:
     def append(self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> None:
         """Append (heads, n, head_dim) keys/values for every layer."""
         n = layer_keys[0].shape[1]
-        if not self.keys:
-            cap = max(64, 2 * n)
+        if not self.keys:  # exactly what the first append needs, rounded up to a block
+            cap = _round_up(n)
             self.keys = [torch.empty(k.shape[0], cap, k.shape[2], dtype=k.dtype) for k in layer_keys]
             self.values = [torch.empty(v.shape[0], cap, v.shape[2], dtype=v.dtype) for v in layer_values]
         if self.length + n > self.keys[0].shape[1]:
-            cap = max(2 * self.keys[0].shape[1], self.length + n)
+            # grow by a quarter (amortised O(1) per token), never to twice what the session holds
+            cap = _round_up(max(self.length + n, self.keys[0].shape[1] * 5 // 4))
             self.keys = [_grow(k, cap, self.length) for k in self.keys]
             self.values = [_grow(v, cap, self.length) for v in self.values]
         end = self.length + n
@@ -56,8 +59,65 @@ class KVBuffer:
         self.length = end
 
     @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+BLOCK = 16  # cache positions are allocated in blocks of this many
+
+
+def _round_up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """`text` quoted for an error detail, cut to `limit` characters: details never echo unbounded input."""
+    return repr(text[:limit]) + (f"... ({len(text)} chars)" if len(text) > limit else "")
+
+
+class FairLock:
+    """A mutex granted in arrival order. A plain Lock lets the thread that just released it take it
+    straight back, so a long chunked prefill would starve the rounds waiting between its chunks."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    def __enter__(self) -> FairLock:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            self._cond.wait_for(lambda: self._queue[0] is me)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
+
+
+def pack_rows(rows: list[Row], slack: float = 0.5, free: int = 4 * BLOCK) -> list[list[int]]:
+    """Split a batch into groups (indices) whose padded size stays within (1 + slack) of what the
+    rows hold plus `free` positions a row: a row is padded to its group's longest, never to the
+    longest session in the batch (short sessions still share one forward)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].kv.length + len(rows[i].feed))
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        size = rows[i].kv.length + len(rows[i].feed)
+        group = groups[-1] if groups else None
+        # sorted ascending: this row is the group's longest, so everything pads to `size`
+        if group is not None and size * (len(group) + 1) <= (1 + slack) * (real + size) + free * (len(group) + 1):
+            group.append(i)
+            real += size
+        else:
+            groups.append([i])
+            real = size
+    return groups
 
 
 def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
@@ -100,9 +160,12 @@ class BatchedTargetSequence:
         self.kv = KVBuffer()
         self._draft: list[int] = []  # the draft fed by the last row, after `tokens`
 
-    def prefill_row(self) -> Row:
-        """All but the last prompt token, so the first round only feeds 1 + k positions."""
-        return Row(self.kv, self.tokens[:-1], 1)
+    def prefill_rows(self, chunk: int):
+        """All but the last prompt token, `chunk` at a time (each row runs after the previous one
+        filled the cache), so the first round only feeds 1 + k positions."""
+        end = len(self.tokens) - 1
+        while self.kv.length < end:
+            yield Row(self.kv, self.tokens[self.kv.length:min(end, self.kv.length + max(1, chunk))], 1)
 
     def row(self, draft_ids: list[int]) -> Row:
         pending = self.tokens[self.kv.length:]

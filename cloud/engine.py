@@ -4,25 +4,24 @@ A `VerifierEngine` owns the target model and every session on one replica. `veri
 the rounds that arrived together (one per session, ragged draft lengths, greedy and sampled mixed)
 and runs them as one target forward (`fedge.cloud.batching`); each session then judges its slice
 and advances as in-process generation does (`fedge.verifier_session.TargetVerifierSession`).
-Cloud-only generation is the same round with an empty draft, so both modes share the batching and
-the cost accounting.
-
-What leaves the engine is typed: `OpenedSession`, `RoundReply`, `ReplicaInfo`, and for a refused
-request a `Refusal` whose code is a gRPC status name, so the ingress maps it without guessing.
+Cloud-only generation is the same round with an empty draft (shared batching and cost accounting).
+A session belongs to the device that opened it; per-device quotas keep one device from holding
+every session. What leaves is typed (`OpenedSession`, `RoundReply`, `ReplicaInfo`, a `Refusal`
+whose code is a gRPC status name, so the ingress maps it without guessing).
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
 
 from fedge.cloud.adapter_registry import AdapterRegistry
-from fedge.cloud.batching import BatchedTargetSequence, batched_forward
+from fedge.cloud.batching import BatchedTargetSequence, FairLock, batched_forward, clip, pack_rows
 from fedge.cloud.multi_lora import AdapterBank, AdapterLoadError
 from fedge.kernels.verify import verify
 from fedge.protocol.codecs import validate_sparse_q
@@ -37,6 +36,7 @@ class RefusalCode(StrEnum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     ABORTED = "ABORTED"
     INTERNAL = "INTERNAL"
@@ -101,6 +101,10 @@ class Limits:
     max_session_tokens: int = 4096  # also capped by the model's position embeddings
     idle_timeout_s: float = 300.0
     max_batch: int = 32  # rounds in one forward
+    # per authenticated device (mutual TLS), so one device cannot hold every session or all the memory
+    max_sessions_per_device: int = 8
+    max_tokens_per_device: int = 32768  # tokens held across the device's open sessions
+    prefill_chunk: int = 256  # a long prompt is prefilled in chunks; other sessions' rounds run between them
 
 
 @dataclass
@@ -111,6 +115,7 @@ class SessionEntry:
     verifier: TargetVerifierSession
     sequence: BatchedTargetSequence
     adapter_row: int = -1  # this session's adapter in the replica's AdapterBank (-1: the plain target)
+    owner: str = ""  # the device that opened it ("" without mutual TLS: the unguessable id is the key)
     last_used: float = field(default_factory=time.monotonic)
     # the last round, so a retried request (reply lost on the way) gets the same answer
     last_position: int = -1
@@ -132,12 +137,11 @@ class Round:
     position: int
     draft_ids: list[int]
     draft_q: list[tuple[list[int], list[float]]] = field(default_factory=list)  # empty when greedy
+    device_id: str = ""  # the caller, from its certificate
 
 
 @dataclass
-class _Work:
-    """A validated round and where its reply goes."""
-
+class _Work:  # a validated round and where its reply goes
     index: int
     entry: SessionEntry
     q: torch.Tensor | None
@@ -162,7 +166,7 @@ class VerifierEngine:
         self.max_tokens = min(self.limits.max_session_tokens, max_pos)
         self.sessions: dict[str, SessionEntry] = {}
         self._lock = threading.Lock()  # the session table; rounds of one session never overlap
-        self._forward_lock = threading.Lock()  # one target forward at a time (cores are shared)
+        self._forward_lock = FairLock()  # one target forward at a time, in arrival order (cores are shared)
         self.forwards = 0
         self.forward_s = 0.0
         self.tokens_generated = 0
@@ -170,23 +174,27 @@ class VerifierEngine:
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
-                     params: SamplingParams, prompt_ids: list[int], seed: int = 0) -> OpenedSession:
+                     params: SamplingParams, prompt_ids: list[int], seed: int = 0,
+                     device_id: str = "") -> OpenedSession:
         self._check_open(tokenizer_fingerprint, model_fingerprint, adapter_version, prompt_ids)
         adapter_row = self._adapter_row(adapter_version)
         with self._lock:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise VerifierError("RESOURCE_EXHAUSTED", f"this replica holds its limit of "
                                                           f"{self.limits.max_sessions} sessions; retry later")
-            sid = f"s{self.shard}-{uuid.uuid4().hex}"
+            self._check_device_quota(device_id, len(prompt_ids) + 1, new_session=True)
+            # 128 random bits: without mutual TLS the id is the only key to a session
+            sid = f"s{self.shard}-{secrets.token_hex(16)}"
             sequence = BatchedTargetSequence(prompt_ids)
             entry = SessionEntry(sid, TargetVerifierSession.over(sequence, params, seed, self.vocab_size), sequence,
-                                 adapter_row=adapter_row)
+                                 adapter_row=adapter_row, owner=device_id)
             self.sessions[sid] = entry
         start = time.perf_counter()
-        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions
-        if len(prompt_ids) > 1:
+        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions;
+        # chunk by chunk, each its own turn of the forward lock (FIFO), so waiting rounds go between
+        for row in sequence.prefill_rows(self.limits.prefill_chunk):
             with self._forward_lock, self.adapters.rows([entry.adapter_row]):
-                batched_forward(self.model, [sequence.prefill_row()])
+                batched_forward(self.model, [row])
                 self.forwards += 1
         return OpenedSession(session_id=sid, position=len(entry.tokens), max_draft_len=self.limits.max_draft_len,
                              max_q_support=self.limits.max_q_support, prefill_s=time.perf_counter() - start)
@@ -213,11 +221,11 @@ class VerifierEngine:
                     prompt_ids: list[int]) -> None:
         if tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise VerifierError("FAILED_PRECONDITION",
-                                f"tokenizer fingerprint {tokenizer_fingerprint!r} does not match the cloud's "
+                                f"tokenizer fingerprint {clip(tokenizer_fingerprint)} does not match the cloud's "
                                 f"{self.tokenizer_fingerprint!r}: edge and cloud must share a tokenizer")
         if model_fingerprint and model_fingerprint != self.model_fingerprint:
             raise VerifierError("FAILED_PRECONDITION",
-                                f"the draft was derived from base model {model_fingerprint!r}, the cloud serves "
+                                f"the draft was derived from base model {clip(model_fingerprint)}, the cloud serves "
                                 f"{self.model_fingerprint!r}")
         if not prompt_ids:
             raise VerifierError("INVALID_ARGUMENT", "prompt_ids must not be empty")
@@ -226,7 +234,37 @@ class VerifierEngine:
             raise VerifierError("OUT_OF_RANGE", f"prompt of {len(prompt_ids)} tokens exceeds the session limit "
                                                 f"of {self.max_tokens} tokens")
 
-    def close_session(self, session_id: str) -> bool:
+    def _check_device_quota(self, device_id: str, more_tokens: int, new_session: bool = False) -> None:
+        """RESOURCE_EXHAUSTED for this device only; call with the session table locked."""
+        if not device_id:
+            return  # unauthenticated: only the replica's own limits apply
+        mine = [s for s in self.sessions.values() if s.owner == device_id]
+        lim = self.limits
+        if new_session and len(mine) >= lim.max_sessions_per_device:
+            raise VerifierError("RESOURCE_EXHAUSTED", f"device {device_id!r} holds its limit of "
+                                                      f"{lim.max_sessions_per_device} sessions: close one first")
+        if sum(len(s.tokens) for s in mine) + more_tokens > lim.max_tokens_per_device:
+            raise VerifierError("RESOURCE_EXHAUSTED", f"device {device_id!r} would hold more than "
+                                                      f"{lim.max_tokens_per_device} tokens over its sessions")
+
+    def session_for(self, session_id: str, device_id: str) -> SessionEntry:
+        """The session, if the caller may use it: NOT_FOUND, or PERMISSION_DENIED for another device's."""
+        with self._lock:
+            entry = self.sessions.get(session_id)
+        if entry is None:
+            raise VerifierError("NOT_FOUND", f"unknown session {clip(session_id)} (closed, expired or the cloud "
+                                             "restarted): open a new session with the verified prefix")
+        if entry.owner != device_id:
+            raise VerifierError("PERMISSION_DENIED", "this session belongs to another device")
+        return entry
+
+    def close_session(self, session_id: str, device_id: str = "") -> bool:
+        try:
+            self.session_for(session_id, device_id)
+        except VerifierError as exc:
+            if exc.code is RefusalCode.NOT_FOUND:
+                return False
+            raise
         with self._lock:
             return self.sessions.pop(session_id, None) is not None
 
@@ -248,11 +286,7 @@ class VerifierEngine:
     # ---- rounds -----------------------------------------------------------------------------
     def _prepare(self, rnd: Round) -> tuple[SessionEntry, torch.Tensor | None] | RoundReply:
         """Validate one round; returns (session, dense q) or a finished reply (a retried round)."""
-        with self._lock:
-            entry = self.sessions.get(rnd.session_id)
-        if entry is None:
-            raise VerifierError("NOT_FOUND", f"unknown session {rnd.session_id!r} (closed, expired or the cloud "
-                                             "restarted): open a new session with the verified prefix")
+        entry = self.session_for(rnd.session_id, rnd.device_id)
         k = len(rnd.draft_ids)
         if k > self.limits.max_draft_len:
             raise VerifierError("INVALID_ARGUMENT", f"draft of {k} tokens exceeds max_draft_len "
@@ -266,6 +300,8 @@ class VerifierEngine:
                                            f"{len(entry.tokens)}: reopen the session with the verified prefix")
         if len(entry.tokens) + k + 1 > self.max_tokens:
             raise VerifierError("OUT_OF_RANGE", f"session would exceed {self.max_tokens} tokens")
+        with self._lock:
+            self._check_device_quota(rnd.device_id, k + 1)
         return entry, self._dense_q(entry, rnd)
 
     def _dense_q(self, entry: SessionEntry, rnd: Round) -> torch.Tensor | None:
@@ -307,7 +343,12 @@ class VerifierEngine:
         return replies  # type: ignore[return-value]
 
     def _run(self, work: list[_Work], replies: list, start: float) -> None:
+        # sessions of very different lengths go in separate forwards: no row padded to a far longer one
         rows = [w.entry.sequence.row(w.draft_ids) for w in work]
+        for group in pack_rows(rows):
+            self._run_group([work[i] for i in group], [rows[i] for i in group], replies, start)
+
+    def _run_group(self, work: list[_Work], rows: list, replies: list, start: float) -> None:
         with self._forward_lock, self.adapters.rows([w.entry.adapter_row for w in work]):
             t0 = time.perf_counter()
             logits = batched_forward(self.model, rows)

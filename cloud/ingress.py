@@ -10,16 +10,19 @@ and the replicas' handles (Ray Serve handles, or anything with the same `.remote
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import asdict
 from typing import Any
 
 import grpc
 
 from fedge.cloud.adapter_registry import AdapterRegistry
+from fedge.cloud.batching import clip
 from fedge.cloud.engine import Limits, Refusal, ReplicaInfo, Round
 from fedge.cloud.scheduler import OpenRequest
 from fedge.cloud.verifier_deployment import process_cpu_s
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.protocol.tls import DeviceGate
 from fedge.sampling import SamplingParams
 
 
@@ -43,11 +46,18 @@ def _status(refusal: Refusal) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, refusal.code.value, grpc.StatusCode.INTERNAL)
 
 
+async def _device(gate: DeviceGate | None, context) -> str:
+    """The caller's device id under mutual TLS (refused if revoked); "" without TLS, where the
+    session id (128 random bits) is what binds a session to whoever opened it."""
+    return "" if gate is None else await gate.require(context)
+
+
 class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
     """gRPC -> the replica that holds the session."""
 
     def __init__(self, handles: list, model: str, limits: Limits, max_message_bytes: int, static: ReplicaInfo,
-                 registry: AdapterRegistry):
+                 registry: AdapterRegistry, gate: DeviceGate | None = None):
+        self.gate = gate
         self.handles = handles
         self.model = model
         self.limits = limits
@@ -68,7 +78,8 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         try:
             result = await coro
         except Exception as exc:  # a bug or a dead replica: the client sees it, the server goes on
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"verifier replica failed: {type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"verifier replica failed: {type(exc).__name__}: {clip(str(exc), 200)}")
         if isinstance(result, Refusal):
             await context.abort(_status(result), result.message)
         return result
@@ -76,10 +87,14 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
     async def _route(self, session_id: str, context) -> int:
         shard = self._shard(session_id)
         if shard is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {clip(session_id)}")
         return shard
 
     async def OpenSession(self, request, context):
+        device_id = await _device(self.gate, context)
+        if len(request.prompt_ids) > self.limits.max_session_tokens:  # before copying it anywhere
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"prompt of {len(request.prompt_ids)} tokens exceeds "
+                                                              f"the session limit of {self.limits.max_session_tokens}")
         if request.adapter_version:  # the snapshot Health and Fetch see decides; the replica verifies again
             try:
                 (await asyncio.to_thread(self.registry.snapshot, request.adapter_version)).get(request.adapter_version)
@@ -89,44 +104,61 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         shard = self._next % len(self.handles)
         self._next += 1
         sampling = request.sampling
+        if not all(math.isfinite(x) for x in (sampling.temperature, sampling.top_p)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature and top_p must be finite")
         try:
             params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
                                     top_p=sampling.top_p or 1.0)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc), 200))
         req = OpenRequest(tokenizer_fingerprint=request.tokenizer_fingerprint,
                           model_fingerprint=request.model_fingerprint, adapter_version=request.adapter_version,
-                          sampling=params, prompt_ids=list(request.prompt_ids), seed=request.seed)
+                          sampling=params, prompt_ids=list(request.prompt_ids), seed=request.seed,
+                          device_id=device_id)
         opened = await self._call(context, self.handles[shard].open_session.remote(req))
         return fedge_pb2.OpenSessionReply(**asdict(opened))
 
     async def Verify(self, request, context):
+        device_id = await _device(self.gate, context)
         shard = await self._route(request.session_id, context)
+        if request.position < 0:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"position {request.position} is negative")
+        if len(request.draft_ids) > self.limits.max_draft_len or len(request.draft_q) > self.limits.max_draft_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a draft holds at most "
+                                                                  f"{self.limits.max_draft_len} tokens")
         rnd = Round(session_id=request.session_id, position=request.position, draft_ids=list(request.draft_ids),
-                    draft_q=[(list(d.ids), list(d.probs)) for d in request.draft_q])
+                    draft_q=[(list(d.ids), list(d.probs)) for d in request.draft_q], device_id=device_id)
         reply = await self._call(context, self.handles[shard].verify.remote(rnd))
         return fedge_pb2.VerifyReply(**asdict(reply))
 
     async def Generate(self, request, context):
+        device_id = await _device(self.gate, context)
         shard = await self._route(request.session_id, context)
         if request.max_new_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
+        if len(request.stop_ids) > 1024:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 1024 stop_ids")
         stream = self.handles[shard].options(stream=True).generate.remote(
-            request.session_id, request.max_new_tokens, list(request.stop_ids))
-        async for replies in stream:
-            tokens = []
-            for reply in replies:
-                if isinstance(reply, Refusal):
-                    await context.abort(_status(reply), reply.message)
-                tokens.append(reply.next_id)
-            yield fedge_pb2.GenerateReply(token_ids=tokens)
+            request.session_id, request.max_new_tokens, list(request.stop_ids), device_id)
+        try:
+            async for replies in _guarded(stream, context):
+                refusal = next((r for r in replies if isinstance(r, Refusal)), None)
+                tokens = [r.next_id for r in replies if not isinstance(r, Refusal)]
+                if tokens:
+                    yield fedge_pb2.GenerateReply(token_ids=tokens)
+                if refusal is not None:
+                    await context.abort(_status(refusal), refusal.message)
+        finally:  # the caller went away (cancelled, disconnected) or the stream ended: stop computing for it
+            stream.cancel()
 
     async def CloseSession(self, request, context):
+        device_id = await _device(self.gate, context)
         shard = await self._route(request.session_id, context)
-        closed = await self._call(context, self.handles[shard].close_session.remote(request.session_id))
+        closed = await self._call(context, self.handles[shard].close_session.remote(request.session_id, device_id))
         return fedge_pb2.CloseSessionReply(closed=bool(closed))
 
     async def Health(self, request, context):
+        await _device(self.gate, context)
         infos: list[ReplicaInfo] = await asyncio.gather(*(h.info.remote() for h in self.handles))
         lim = self.limits
         return fedge_pb2.HealthReply(
@@ -141,15 +173,27 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             adapter_versions=(await asyncio.to_thread(self.registry.snapshot)).versions())
 
 
+async def _guarded(stream, context):
+    """A replica's stream whose failure (a dead replica, a bug) becomes UNAVAILABLE, never UNKNOWN."""
+    try:
+        async for item in stream:
+            yield item
+    except Exception as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"verifier replica failed: {type(exc).__name__}: {clip(str(exc), 200)}")
+
+
 class AdaptersIngress(fedge_pb2_grpc.AdaptersServicer):
     """Published adapters to edges, in checksummed chunks under the message limit: the verified
     bytes of one registry snapshot (a refused version is NOT_FOUND, with its reason)."""
 
-    def __init__(self, registry: AdapterRegistry, chunk_bytes: int):
+    def __init__(self, registry: AdapterRegistry, chunk_bytes: int, gate: DeviceGate | None = None):
+        self.gate = gate
         self.registry = registry
         self.chunk_bytes = chunk_bytes
 
     async def Fetch(self, request, context):
+        await _device(self.gate, context)
         try:
             snapshot = await asyncio.to_thread(self.registry.snapshot, request.version)
             chunks = list(snapshot.chunks(request.version, self.chunk_bytes))

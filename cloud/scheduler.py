@@ -31,6 +31,7 @@ class OpenRequest:
     sampling: SamplingParams
     prompt_ids: list[int]
     seed: int = 0
+    device_id: str = ""  # from the caller's certificate; the session will belong to it
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _Generation:
     queue: asyncio.Queue
     remaining: int
     stop: set[int]
+    device_id: str = ""
 
 
 class ContinuousBatchScheduler:
@@ -61,9 +63,11 @@ class ContinuousBatchScheduler:
             # the prefill forward runs off the event loop so the scheduler keeps going
             return await asyncio.to_thread(
                 self.engine.open_session, req.tokenizer_fingerprint, req.model_fingerprint,
-                req.adapter_version, req.sampling, req.prompt_ids, req.seed)
+                req.adapter_version, req.sampling, req.prompt_ids, req.seed, req.device_id)
         except VerifierError as exc:
             return exc.refusal()
+        except Exception as exc:  # a bug: INTERNAL (final), never a dead-replica status the edge would retry
+            return Refusal(RefusalCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:200]}")
 
     async def verify(self, rnd: Round) -> RoundReply | Refusal:
         self._ensure_running()
@@ -72,18 +76,21 @@ class ContinuousBatchScheduler:
         self._wakeup.set()
         return await fut
 
-    async def generate(self, session_id: str, max_new_tokens: int, stop_ids: list[int]
+    async def generate(self, session_id: str, max_new_tokens: int, stop_ids: list[int], device_id: str = ""
                        ) -> AsyncIterator[list[RoundReply | Refusal]]:
         """Cloud-only serving: one token per step; tokens that pile up while the consumer is busy
-        come together. A refusal ends the stream."""
+        come together. A refusal ends the stream; a consumer that goes away (cancelled, closed)
+        leaves the batch before the next step."""
         self._ensure_running()
-        if session_id not in self.engine.sessions:
-            yield [Refusal(RefusalCode.NOT_FOUND, f"unknown session {session_id!r}")]
+        try:
+            self.engine.session_for(session_id, device_id)
+        except VerifierError as exc:
+            yield [exc.refusal()]
             return
         if session_id in self._gens:
             yield [Refusal(RefusalCode.ABORTED, "this session is already generating")]
             return
-        gen = _Generation(asyncio.Queue(), max_new_tokens, set(stop_ids))
+        gen = _Generation(asyncio.Queue(), max_new_tokens, set(stop_ids), device_id)
         self._gens[session_id] = gen
         self._wakeup.set()
         try:
@@ -100,8 +107,15 @@ class ContinuousBatchScheduler:
         finally:
             self._gens.pop(session_id, None)  # the caller went away: stop generating for it
 
-    def close_session(self, session_id: str) -> bool:
-        return self.engine.close_session(session_id)
+    def close_session(self, session_id: str, device_id: str = "") -> bool | Refusal:
+        try:
+            closed = self.engine.close_session(session_id, device_id)
+        except VerifierError as exc:
+            return exc.refusal()
+        gen = self._gens.pop(session_id, None)
+        if gen is not None:  # a generation of a closed session ends now
+            gen.queue.put_nowait(None)
+        return closed
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -143,7 +157,7 @@ class ContinuousBatchScheduler:
         rounds = [r for r, _ in batch]
         for sid in gen_ids:
             entry = self.engine.sessions.get(sid)
-            rounds.append(Round(sid, len(entry.tokens) if entry else -1, []))
+            rounds.append(Round(sid, len(entry.tokens) if entry else -1, [], device_id=self._gens[sid].device_id))
         try:
             replies = await asyncio.to_thread(self.engine.verify_many, rounds)
         except Exception as exc:  # a bug: fail this step's callers, keep serving

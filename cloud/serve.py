@@ -30,6 +30,7 @@ from fedge.cloud.engine import Limits
 from fedge.cloud.ingress import AdaptersIngress, VerifierIngress
 from fedge.cloud.verifier_deployment import verifier_deployment
 from fedge.protocol import fedge_pb2_grpc
+from fedge.protocol.tls import DeviceGate
 
 DEFAULT_PORT = 50051
 
@@ -49,6 +50,7 @@ class ServeConfig:
     adapter_poll_s: float = 2.0  # how often the registry is rescanned for new versions
     limits: Limits = field(default_factory=Limits)
     tls_dir: str | None = None  # a `fedge certs create` directory: mutual TLS, device certificates required
+    revoked_file: str | None = None  # revoked device ids, one a line (default <tls_dir>/revoked.txt)
 
 
 class CloudServer:
@@ -64,6 +66,10 @@ class CloudServer:
         from ray import serve
 
         AdapterRegistry(self.cfg.adapters_dir, self.cfg.adapter_pubkey)  # a bad key path stops us here, clearly
+        if self.cfg.address is None:  # Ray's processes are ours: none may outlive this one, even on SIGKILL
+            from fedge.cloud.ray_reaper import start_reaper
+
+            start_reaper()
         ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=True,
                  logging_level="warning", configure_logging=True)
         # no HTTP proxy (the gRPC ingress is ours, and two clouds on one host would fight over its port)
@@ -85,16 +91,18 @@ class CloudServer:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.cfg.max_message_bytes),
                                                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
                                                ("grpc.so_reuseport", 0)])
+        gate = DeviceGate(self.cfg.tls_dir, self.cfg.revoked_file) if self.cfg.tls_dir else None
         verifier = VerifierIngress(handles, self.cfg.model, self.cfg.limits, self.cfg.max_message_bytes, static,
-                                   registry)
+                                   registry, gate)
         fedge_pb2_grpc.add_VerifierServicer_to_server(verifier, self.server)
         # chunks stay under the message limit (leaving room for the chunk's other fields)
         chunk_bytes = max(1024, min(CHUNK_BYTES, self.cfg.max_message_bytes - 1024))
-        fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry, chunk_bytes), self.server)
+        fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(registry, chunk_bytes, gate), self.server)
         self.bound_port = self._bind()
         await self.server.start()
         print(f"fedge cloud: serving {self.cfg.model} on {self.cfg.host}:{self.bound_port} "
-              f"({self.cfg.replicas} replica(s), Ray {'at ' + self.cfg.address if self.cfg.address else 'local'})",
+              f"({self.cfg.replicas} replica(s), Ray {'at ' + self.cfg.address if self.cfg.address else 'local'}, "
+              f"{'mutual TLS' if gate else 'plaintext: sessions bound to their unguessable ids only'})",
               flush=True)
         if ready is not None:
             ready.set()

@@ -57,12 +57,14 @@ def verifier_deployment():
         async def verify(self, rnd):
             return await self.scheduler.verify(rnd)
 
-        async def generate(self, session_id: str, max_new_tokens: int, stop_ids: list[int]):
-            async for replies in self.scheduler.generate(session_id, max_new_tokens, stop_ids):
+        async def generate(self, session_id: str, max_new_tokens: int, stop_ids: list[int], device_id: str = ""):
+            # Serve cancels this generator when the caller cancels the stream: the scheduler's
+            # finally then drops the generation before its next step
+            async for replies in self.scheduler.generate(session_id, max_new_tokens, stop_ids, device_id):
                 yield replies
 
-        async def close_session(self, session_id: str) -> bool:
-            return self.scheduler.close_session(session_id)
+        async def close_session(self, session_id: str, device_id: str = ""):
+            return self.scheduler.close_session(session_id, device_id)
 
         async def info(self):
             return dataclasses.replace(self.engine.info(), process_cpu_s=process_cpu_s())

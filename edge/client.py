@@ -23,7 +23,7 @@ from fedge.edge.client_types import EdgeConfig, EdgeError, EdgeResult, EdgeStats
 from fedge.edge.cloud_link import CloudLink, NetworkProfile
 from fedge.edge.drafter import Drafter
 from fedge.edge.offline_drafting import OfflineDeadline, OfflineTolerantVerifier, Transcript
-from fedge.edge.remote_verifier import RemoteVerifier
+from fedge.edge.remote_verifier import RemoteVerifier, refused
 from fedge.models import encode_prompt
 from fedge.protocol import fedge_pb2
 from fedge.sampling import SamplingParams
@@ -128,7 +128,10 @@ class EdgeClient:
         """The cloud generates every token (greedy) and streams them; nothing is drafted here."""
         stats = EdgeStats()
         start = time.perf_counter()
-        session = self.link.call("OpenSession", self._open_request(prompt_ids, SamplingParams(), 0)).session_id
+        try:
+            session = self.link.call("OpenSession", self._open_request(prompt_ids, SamplingParams(), 0)).session_id
+        except grpc.RpcError as exc:
+            raise refused("to open a session", exc) from None
         out: list[int] = []
         last = start
         try:
@@ -139,6 +142,8 @@ class EdgeClient:
                 out.extend(msg.token_ids)
                 stats.token_latency_s.extend([(at - last) / len(msg.token_ids)] * len(msg.token_ids))
                 last = at
+        except grpc.RpcError as exc:  # the cloud ended the stream with a refusal or went away: say so, once
+            raise refused("to generate", exc) from None
         finally:
             try:
                 self.link.call("CloseSession", fedge_pb2.CloseSessionRequest(session_id=session), 2.0)

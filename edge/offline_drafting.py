@@ -112,7 +112,9 @@ class OfflineTolerantVerifier:
     def verify(self, draft_ids: list[int], draft_q: object = None) -> VerifyReply:
         while True:
             try:
-                return self.remote.verify(draft_ids, draft_q)
+                reply = self.remote.verify(draft_ids, draft_q)
+                self.backoff = self.config.backoff_initial_s  # only a verified round proves the cloud well
+                return reply
             except CloudUnreachable:
                 self.online = False
                 self.next_retry = time.perf_counter() + self.backoff
@@ -149,7 +151,8 @@ class OfflineTolerantVerifier:
             self.backoff = min(self.backoff * 2, self.config.backoff_max_s)
             self.next_retry = time.perf_counter() + self.backoff
             return False
+        # the backoff is not reset here: a cloud that answers Health but fails every round (a
+        # status the edge takes for transient) is retried ever more slowly, never in a hot loop
         self.online = True
         self.stats.reconnects += 1
-        self.backoff = self.config.backoff_initial_s
         return True

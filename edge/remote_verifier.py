@@ -25,6 +25,15 @@ class CloudUnreachable(Exception):
     """The cloud did not answer (a transient gRPC status): it may come back."""
 
 
+MAX_REOPENS = 3  # a session lost again right after reopening it is a refusal, not bad luck
+
+
+def refused(what: str, exc: grpc.RpcError) -> EdgeError:
+    """A refusal the edge will not retry, saying which call and why (details cut short)."""
+    details = (exc.details() or "")[:300]
+    return EdgeError(f"cloud refused {what}: {exc.code().name}: {details}")
+
+
 class RemoteVerifier:
     """Implements `fedge.speculative.Verifier` against the cloud's session for one generation.
 
@@ -42,21 +51,29 @@ class RemoteVerifier:
         self.stats = stats
 
     def open(self) -> None:
+        """Open (or reopen) the cloud session. Any refusal here is final (unknown adapter, session
+        limit, mismatched model): reopening again would get the same answer, so it is an EdgeError."""
         request = fedge_pb2.OpenSessionRequest()
         request.CopyFrom(self.open_request)
         request.ClearField("prompt_ids")
         request.prompt_ids.extend(self.tokens)
-        reply = self.link.call("OpenSession", request)
+        try:
+            reply = self.link.call("OpenSession", request)
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT:
+                raise CloudUnreachable(exc.code().name) from None
+            raise refused("to open a session", exc) from None
         self.session_id = reply.session_id
         self.max_draft_len = min(reply.max_draft_len, self.k_max)
         if self.stats.rounds or self.stats.reconnects:
             self.stats.reopened += 1
 
     def verify(self, draft_ids: list[int], draft_q: list[SparseQ] | None = None) -> VerifyReply:
+        reopens = 0
         while True:
+            if self.session_id is None:
+                self.open()
             try:
-                if self.session_id is None:
-                    self.open()
                 request = fedge_pb2.VerifyRequest(
                     session_id=self.session_id, position=len(self.tokens), draft_ids=draft_ids,
                     draft_q=[fedge_pb2.SparseDist(ids=i, probs=p) for i, p in draft_q or []])
@@ -66,11 +83,12 @@ class RemoteVerifier:
                 break
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code in SESSION_LOST:
+                if code in SESSION_LOST and reopens < MAX_REOPENS:
                     self.session_id = None  # reopen with the verified prefix and resend the round
+                    reopens += 1
                     continue
                 if code not in TRANSIENT:
-                    raise EdgeError(f"cloud refused the request: {code.name}: {exc.details()}") from None
+                    raise refused("a round", exc) from None
                 raise CloudUnreachable(code.name) from None
         self.tokens.extend(list(draft_ids[:reply.n_accepted]) + [reply.next_id])
         self.stats.rounds += 1

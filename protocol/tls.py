@@ -15,6 +15,14 @@ Layout written by `create_certificates`:
     server.pem server.key               the cloud's TLS identity
     devices/<id>.pem devices/<id>.key   one per edge device, CN = device id
     adapter-signing.key adapter-signing.pub   Ed25519 key the cloud signs adapters with
+    supernodes/<id>.key supernodes/<id>.pub   one per device: its Flower SuperNode authentication key
+
+Flower's deployment engine uses the same directory: the SuperLink serves TLS with server.pem /
+server.key (`--ssl-ca-certfile ca.pem`), SuperNodes and the `flwr` connection trust ca.pem
+(`--root-certificates`, `root-certificates`), and a SuperNode proves which device it is with its
+authentication key (`--auth-supernode-private-key supernodes/<id>.key`), whose public half the
+operator registers (`flwr supernode register supernodes/<id>.pub`). Flower wants those keys as
+ECDSA P-384 in OpenSSH format.
 """
 
 from __future__ import annotations
@@ -67,6 +75,12 @@ class CertPaths:
 
     def device_key(self, device_id: str) -> Path:
         return self.root / "devices" / f"{device_id}.key"
+
+    def supernode_key(self, device_id: str) -> Path:
+        return self.root / "supernodes" / f"{device_id}.key"
+
+    def supernode_public_key(self, device_id: str) -> Path:
+        return self.root / "supernodes" / f"{device_id}.pub"
 
     @property
     def signing_key(self) -> Path:
@@ -166,6 +180,15 @@ def _write(path: Path, data: bytes, secret: bool = False) -> None:
         handle.write(data)
 
 
+def create_supernode_key(private_path: str | Path, public_path: str | Path) -> None:
+    """A Flower SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(Path(private_path), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                 serialization.NoEncryption()), secret=True)
+    _write(Path(public_path), key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                            serialization.PublicFormat.OpenSSH) + b"\n")
+
+
 def load_ca(paths: CertPaths):
     if not paths.ca_cert.is_file() or not paths.ca_key.is_file():
         raise CertificateError(f"no CA in {paths.root} (run `fedge certs create --out {paths.root}` first)")
@@ -204,6 +227,9 @@ def create_certificates(out_dir: str | Path, devices: Iterable[str] = (),
         key, cert = create_device_cert(ca_key, ca_cert, device_id, days)
         _write(paths.device_cert(device_id), _pem_cert(cert))
         _write(paths.device_key(device_id), _pem_key(key), secret=True)
+    for device_id in devices:
+        if overwrite or not paths.supernode_key(device_id).exists():
+            create_supernode_key(paths.supernode_key(device_id), paths.supernode_public_key(device_id))
     if overwrite or not paths.signing_key.exists():
         save_signing_key(generate_signing_key(), paths.signing_key, paths.signing_public_key)
     return paths
@@ -276,7 +302,62 @@ def require_device(context, allowed: Iterable[str] | None = None) -> str:
 
     device_id = peer_device_id(context)
     if device_id is None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "no device certificate: mutual TLS is required")
+        _abort_sync(context, grpc.StatusCode.UNAUTHENTICATED, "no device certificate: mutual TLS is required")
     if allowed is not None and device_id not in set(allowed):
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device_id!r} is not allowed")
+        _abort_sync(context, grpc.StatusCode.PERMISSION_DENIED, f"device {device_id!r} is not allowed")
     return device_id
+
+
+class DeviceRefused(PermissionError):
+    """A device check failed where the context could not abort the call itself."""
+
+
+def _abort_sync(context, code, details: str) -> None:
+    # a grpc.aio context's abort is a coroutine: called without await it does nothing, and the
+    # handler would go on as if the device were allowed. Fail closed: refuse by raising instead.
+    pending = context.abort(code, details)
+    if hasattr(pending, "close"):
+        pending.close()
+    raise DeviceRefused(f"{code.name}: {details}")
+
+
+class DeviceGate:
+    """Who may call the serving path: a device certificate from the CA (mutual TLS) whose id is not
+    revoked. Revocations are one device id per line in `revoked` (default `<tls_dir>/revoked.txt`),
+    re-read when the file changes, so revoking needs no restart. Every failure refuses: no
+    certificate, an unreadable revocation list, a listed id."""
+
+    def __init__(self, tls_dir: str | Path, revoked: str | Path | None = None):
+        self.revoked_path = Path(revoked) if revoked else Path(tls_dir) / "revoked.txt"
+        self._stamp: tuple[int, int] | None = None
+        self._revoked: frozenset[str] = frozenset()
+
+    def revoked(self) -> frozenset[str]:
+        """The revoked ids; raises OSError/ValueError when the list exists but cannot be read."""
+        try:
+            st = self.revoked_path.stat()
+        except FileNotFoundError:
+            return frozenset()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            text = self.revoked_path.read_text(encoding="utf-8")
+            self._revoked = frozenset(line.strip() for line in text.splitlines() if line.strip()
+                                      and not line.lstrip().startswith("#"))
+            self._stamp = stamp
+        return self._revoked
+
+    async def require(self, context) -> str:
+        """The calling device's id (for a grpc.aio servicer); aborts the call otherwise."""
+        import grpc
+
+        device_id = peer_device_id(context)
+        if device_id is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no device certificate: mutual TLS is required")
+        try:
+            revoked = self.revoked()
+        except (OSError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"revocation list unreadable ({type(exc).__name__}); "
+                                                             "refusing every device until it is fixed")
+        if device_id in revoked:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device_id!r} is revoked")
+        return device_id
