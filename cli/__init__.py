@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedge.cli import bench, certs, cloud, data, demo, draft, edge, models, privacy, simulate
+from fedge.cli import bench, certs, cloud, data, demo, draft, edge, federation, models, privacy, simulate
 
-GROUPS = (models, data, draft, bench, certs, simulate, cloud, edge, privacy, demo)
+GROUPS = (models, data, draft, bench, certs, simulate, cloud, edge, privacy, demo, federation)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,7 +144,8 @@ def overhead_s_per_round(times: list[float]) -> float | None:
 def federated_evaluate(grid: Grid, config: FederatedConfig, roster: Roster, state: StateDict) -> dict:
     """The global adapter on every (or a seeded sample of) device's own held-out text, on the target:
     the token-weighted mean of the devices' losses, each device's, and the worst."""
-    pids = sorted(roster.node_of_partition)
+    alive = set(grid.get_node_ids())  # a device that left the federation is not waited for
+    pids = sorted(p for p, node in roster.node_of_partition.items() if node in alive)
     if 0 < config.eval_clients < len(pids):  # many clients: a fixed seeded sample
         pids = sorted(random.Random(f"fedge-eval:{config.seed}").sample(pids, config.eval_clients))
     record, client_config = to_record(state), config.client_config()

@@ -32,16 +32,15 @@ import time
 import zlib
 
 import numpy as np
-import torch  # imported here, not lazily: ArrayRecord.to_torch_state_dict needs torch in the actor
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedge.edge.lora_trainer import LocalTrainConfig, train_local
 from fedge.edge.secagg_mods import dp_mod, secagg_mod
-from fedge.edge.training_model import load_training_model, served_model
-from fedge.peft_methods.aggregation import adapter_rank, client_delta
 from fedge.peft_methods.config import AdapterSpec, MethodSpec
-from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, mean_token_loss, pad_token_id
+
+# Flower's deployment engine starts a fresh `flwr-clientapp` process for every message, so this module
+# imports only what every message needs; torch, transformers and the data readers load in the handlers
+# that use them (query, no-op rounds and the secure-aggregation key stages never do).
 
 # a simulation's node-level defaults (JSON), inherited by its Ray actors; a real device's node config wins
 SIMULATION_NODE_CONFIG = "FEDGE_SIMULATION_NODE_CONFIG"
@@ -66,6 +65,16 @@ def node_settings(context: Context) -> dict:
     return settings
 
 
+def node_identity(context: Context) -> tuple[str, int]:
+    """(client name, partition id or -1) from the node config, without reading the data."""
+    s = node_settings(context)
+    pid = int(s.get("partition-id", -1))
+    name = str(s.get("client", ""))
+    if not name and pid < 0:
+        name = os.path.basename(str(s["data"]).split(":")[-1])
+    return name, pid
+
+
 def local_data(context: Context):
     """(client name, partition id or -1, its ClientData), loaded once per process."""
     from fedge.data import load_corpus
@@ -79,7 +88,7 @@ def local_data(context: Context):
         _CORPORA[key] = load_corpus(key[0], key[1], num_clients=key[2], seed=key[3])
     corpus = _CORPORA[key]
     client = corpus.clients[max(pid, 0)]
-    name = str(s.get("client", "")) or (client.name if pid >= 0 else os.path.basename(key[0].split(":")[-1]))
+    name = node_identity(context)[0] or client.name
     return name, pid, client
 
 
@@ -88,12 +97,16 @@ def _seed_id(name: str, pid: int) -> int:
 
 
 def _threads(config: ConfigRecord) -> None:
+    import torch
+
     threads = int(config.get("threads", 1))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
-def _training_model(config: ConfigRecord) -> AdaptedModel:
+def _training_model(config: ConfigRecord):
+    from fedge.edge.training_model import load_training_model
+
     _threads(config)
     return load_training_model(str(config["model"]), adapter_spec_from(config),
                                client_model=str(config.get("client-model", "target")),
@@ -103,6 +116,9 @@ def _training_model(config: ConfigRecord) -> AdaptedModel:
 
 def _heldout_loss(model_name: str, spec: AdapterSpec, state, rank: int | None, client, config: ConfigRecord):
     """(mean token loss, tokens) of `state` on the target, on this client's held-out text; None if it has none."""
+    from fedge.edge.training_model import served_model
+    from fedge.peft_methods.lora_model import eval_windows, mean_token_loss, pad_token_id
+
     served = served_model(model_name, spec)
     windows = eval_windows(client.heldout, served.tokenizer, int(config["eval-examples"]), int(config["seq-len"]))
     if not windows:
@@ -115,7 +131,9 @@ def _heldout_loss(model_name: str, spec: AdapterSpec, state, rank: int | None, c
 
 
 def query(msg: Message, context: Context) -> Message:
-    name, pid, _ = local_data(context)
+    name, pid = node_identity(context)
+    if not name:  # a simulated partition: named after its data (e.g. the natural group)
+        name = local_data(context)[0]
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "pid": os.getpid()}),
                                "info": ConfigRecord({"client": name})}), reply_to=msg)
 
@@ -130,6 +148,11 @@ def train(msg: Message, context: Context) -> Message:
         reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in zeros.items()}),
                             "metrics": MetricRecord({"num-examples": 1})})
         return Message(reply, reply_to=msg)
+    import torch
+
+    from fedge.edge.lora_trainer import LocalTrainConfig, train_local
+    from fedge.peft_methods.aggregation import adapter_rank, client_delta
+
     started = time.perf_counter()
     name, pid, client = local_data(context)
     adapted = _training_model(config)

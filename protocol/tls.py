@@ -284,12 +284,27 @@ def device_channel_credentials(cert_dir: str | Path, device_id: str):
 
 
 def peer_device_id(context) -> str | None:
-    """The device id (certificate CN) of the peer of a gRPC call, or None without a client certificate."""
-    values = context.auth_context().get("x509_common_name") or []
-    if not values:
+    """The device id (certificate CN) of the peer of a gRPC call, or None without a device certificate.
+
+    The certificate itself is checked too: one CN, unit `fedge-device`, issued for client auth. The CA
+    also signs the cloud's server certificate, which must never pass for a device."""
+    auth = context.auth_context()
+    names, pems = auth.get("x509_common_name") or [], auth.get("x509_pem_cert") or []
+    if len(names) != 1 or len(pems) != 1:
         return None
-    device_id = values[0].decode() if isinstance(values[0], bytes) else str(values[0])
-    return device_id if DEVICE_ID_PATTERN.match(device_id) else None
+    device_id = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
+    if not DEVICE_ID_PATTERN.match(device_id):
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0] if isinstance(pems[0], bytes) else pems[0].encode())
+        units = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+        common = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    if units != [DEVICE_OU] or common != [device_id] or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        return None
+    return device_id
 
 
 def require_device(context, allowed: Iterable[str] | None = None) -> str:

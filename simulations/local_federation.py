@@ -1,0 +1,252 @@
+"""A whole Flower deployment on one machine: a SuperLink and N SuperNodes as real processes on loopback.
+
+For people trying the device path without devices (`fedge federation up --devices 3`) and for the
+deployment tests. Everything a real deployment has is here: TLS on the SuperLink (certificates from
+`fedge.protocol.tls.create_certificates`), SuperNode authentication with one registered key per
+device (`--enable-supernode-auth`, `flwr supernode register`), each device's own data folder named
+in its node config, its own ports, a private FLWR_HOME holding the `flwr` connection, and no runtime
+dependency installation (the installed `fedge` is the app's dependency). Processes are stopped by
+pid, with the helpers Flower starts for them (SuperExec, ServerApp and ClientApp processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+CONNECTION = "fedge-local"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FederationSpec:
+    workdir: Path
+    devices: int = 3
+    data: str = "stdlib"  # split into one local file per device (partition below)...
+    partition: str = "natural"
+    device_data: list[str] = field(default_factory=list)  # ...or each device's own source
+    host: str = "127.0.0.1"
+    port: int = 0  # the SuperLink's (0: a free one)
+    tls: bool = True
+    auth: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+
+
+def split_device_data(spec: FederationSpec) -> list[str]:
+    """Each device's data source: its own, or its partition of `spec.data` written to its folder."""
+    if spec.device_data:
+        if len(spec.device_data) != spec.devices:
+            raise ValueError(f"{len(spec.device_data)} data sources for {spec.devices} devices")
+        return list(spec.device_data)
+    from fedge.data import load_corpus
+
+    corpus = load_corpus(spec.data, spec.partition, num_clients=spec.devices, seed=spec.seed)
+    if len(corpus.clients) < spec.devices:
+        raise ValueError(f"{spec.data} ({spec.partition}) gives {len(corpus.clients)} partitions, "
+                         f"not {spec.devices}")
+    sources = []
+    for i, client in enumerate(corpus.clients[:spec.devices]):
+        path = spec.workdir / f"device-{i}" / "data.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for ex in client.train + client.heldout:
+                row = {"prompt": ex.prompt, "response": ex.text} if ex.prompt else {"text": ex.text}
+                f.write(json.dumps({**row, "group": ex.group}) + "\n")
+        sources.append(f"jsonl:{path}")
+    return sources
+
+
+class LocalFederation:
+    """A SuperLink and SuperNodes on loopback; `stop()` (or leaving the `with`) ends every process."""
+
+    def __init__(self, spec: FederationSpec) -> None:
+        self.spec = spec
+        self.workdir = spec.workdir
+        self.port = spec.port or free_port(spec.host)
+        self.address = f"{spec.host}:{self.port}"
+        self.flwr_home = self.workdir / "flwr-home"
+        self.certs = None
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.data: dict[str, str] = {}
+        self._helpers: set[int] = set()
+
+    # ------------------------------------------------------------------ processes
+
+    @property
+    def env(self) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. beside this interpreter
+        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+        log = (self.workdir / "logs" / log_name).open("ab")
+        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def device_ids(self) -> list[str]:
+        return [f"device-{i}" for i in range(self.spec.devices)]
+
+    def start(self) -> LocalFederation:
+        from fedge.protocol.tls import create_certificates
+
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.certs = create_certificates(self.workdir / "certs", devices=[*self.device_ids(), "unregistered"],
+                                         hosts=[self.spec.host, "localhost"])
+        self._write_connection()
+        self.start_superlink()
+        for device_id, source in zip(self.device_ids(), split_device_data(self.spec), strict=True):
+            self.data[device_id] = source
+            if self.spec.auth:
+                self.register(device_id)
+            self.start_node(device_id)
+        return self
+
+    def start_superlink(self) -> None:
+        spec = self.spec
+        cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", spec.host, "--port", str(self.port),
+               "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if spec.tls:
+            cmd += ["--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
+                    "--ssl-keyfile", str(self.certs.server_key)]
+        else:
+            cmd.append("--insecure")
+        if spec.auth:
+            cmd.append("--enable-supernode-auth")
+        self.superlink = self._spawn(cmd, "superlink.log")
+        self._flwr_json(["supernode", "ls"], timeout=120)  # up once it answers
+
+    def node_command(self, device_id: str, data: str) -> list[str]:
+        spec = self.spec
+        cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", self.address,
+               "--port", str(free_port(spec.host)), "--node-config", f'data="{data}" client="{device_id}"']
+        cmd += ["--root-certificates", str(self.certs.ca_cert)] if spec.tls else ["--insecure"]
+        if spec.auth:
+            cmd += ["--auth-supernode-private-key", str(self.certs.supernode_key(device_id))]
+        return cmd
+
+    def start_node(self, device_id: str, data: str | None = None, max_retries: int | None = None) -> subprocess.Popen:
+        cmd = self.node_command(device_id, data or self.data[device_id])
+        if max_retries is not None:
+            cmd += ["--max-retries", str(max_retries)]
+        self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
+        return self.nodes[device_id]
+
+    def register(self, device_id: str) -> int:
+        out = self._flwr_json(["supernode", "register", str(self.certs.supernode_public_key(device_id))], timeout=60)
+        return int(out["node-id"])
+
+    def kill_node(self, device_id: str, sig: int = signal.SIGKILL) -> None:
+        self._kill_tree(self.nodes.pop(device_id), sig)
+
+    def stop(self) -> None:
+        for device_id in list(self.nodes):
+            self.kill_node(device_id, signal.SIGTERM)
+        if self.superlink is not None:
+            self._kill_tree(self.superlink, signal.SIGTERM)
+            self.superlink = None
+        for pid in list(self._helpers):  # helpers that outlived their parent
+            _signal(pid, signal.SIGKILL)
+        self._helpers.clear()
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _kill_tree(self, proc: subprocess.Popen, sig: int) -> None:
+        """`proc` and the processes Flower started under it (their own sessions), by pid."""
+        import psutil
+
+        try:
+            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            children = []
+        self._helpers.update(children)
+        _signal(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in children:
+            _signal(pid, signal.SIGKILL if sig == signal.SIGKILL else sig)
+
+    # ------------------------------------------------------------------ the `flwr` side
+
+    def _write_connection(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        lines.append(f'root-certificates = "{self.certs.ca_cert}"' if self.spec.tls else "insecure = true")
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def _flwr_json(self, args: list[str], timeout: float) -> dict:
+        """`flwr ARGS CONNECTION --format json`, retried until it succeeds or `timeout` passes."""
+        flwr = str(Path(sys.executable).parent / "flwr")
+        deadline, last = time.time() + timeout, ""
+        while True:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited; see {self.workdir / 'logs' / 'superlink.log'}")
+            done = subprocess.run([flwr, *args, CONNECTION, "--format", "json"], env=self.env, capture_output=True,
+                                  text=True, timeout=120)
+            try:
+                out = json.loads(done.stdout[done.stdout.index("{"):])
+                if out.get("success"):
+                    return out
+                last = str(out)
+            except ValueError:
+                last = done.stdout[-500:] + done.stderr[-500:]
+            if time.time() > deadline:  # timeout 0: a single try (e.g. `flwr run`, not to start two runs)
+                break
+            time.sleep(1.0)
+        raise RuntimeError(f"flwr {' '.join(args)} failed: {last}")
+
+    def run_command(self, run_config: dict | None = None, app_dir: Path = APP_DIR) -> list[str]:
+        """The `flwr run` line for this federation (run config values as TOML)."""
+        cmd = ["flwr", "run", str(app_dir), CONNECTION]
+        if run_config:  # one --run-config: flwr 1.41 keeps only the last of several
+            cmd += ["--run-config", " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())]
+        return cmd
+
+    def submit(self, run_config: dict | None = None, app_dir: Path = APP_DIR) -> int:
+        """Start a run; returns its run id."""
+        args = self.run_command(run_config, app_dir)[1:]
+        args.remove(CONNECTION)  # _flwr_json names the connection
+        return int(self._flwr_json(args, timeout=0)["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        out = self._flwr_json(["ls", "--run-id", str(run_id)], timeout=60)
+        return str(out["runs"][0]["status"])
+
+    def wait_run(self, run_id: int, timeout: float) -> str:
+        """Poll until the run is finished (its status, e.g. "finished:completed")."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2.0)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status})")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
