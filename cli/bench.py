@@ -1,4 +1,4 @@
-"""`fedge bench speculative|kernels|draft-training`: benchmarks that print a table and write JSON."""
+"""`fedge bench speculative|kernels|draft-training|serving-load`: benchmarks that print a table and write JSON."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_speculative(bench)
     _add_kernels(bench)
     _add_draft_training(bench)
+    _add_serving_load(bench)
 
 
 def _add_speculative(bench: argparse._SubParsersAction) -> None:
@@ -66,3 +67,22 @@ def _add_draft_training(bench: argparse._SubParsersAction) -> None:
     draft.add_argument("--quick", action="store_true", help="6 steps, short windows, 2 prompts")
     draft.add_argument("--json", default=default_output("bench-draft-training", "bench-draft-training.json"))
     draft.set_defaults(func=run_lazily("fedge.simulations.bench_draft_training", output_files=("json",)))
+
+
+def _add_serving_load(bench: argparse._SubParsersAction) -> None:
+    load = bench.add_parser("serving-load", help="many phones on one verifier replica: p50/p95 round latency, "
+                                                 "peak memory, chunked vs one-shot prefill")
+    load.add_argument("--model", default="tiny-random-llama")
+    load.add_argument("--phones", type=int, default=64)
+    load.add_argument("--rounds", type=int, default=12, help="verify rounds per phone")
+    load.add_argument("--k", type=int, default=4, help="drafted tokens per round")
+    load.add_argument("--min-prompt", type=int, default=16)
+    load.add_argument("--max-prompt", type=int, default=1024)
+    load.add_argument("--think-ms", type=float, default=20.0, help="phone drafting time between rounds")
+    load.add_argument("--ramp-s", type=float, default=1.0, help="phones start spread over this long")
+    load.add_argument("--prefill-chunk", type=int, default=256)
+    load.add_argument("--batch-wait-ms", type=float, default=5.0)
+    load.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--json", default=default_output("bench-serving-load", "bench-serving-load.json"))
+    load.set_defaults(func=run_lazily("fedge.simulations.serving_load", output_files=("json",)))

@@ -18,6 +18,7 @@ Copying the caches costs one pass over them per round, which a batch-of-one HF f
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -80,24 +81,55 @@ def clip(text: str, limit: int = 64) -> str:
 
 
 class FairLock:
-    """A mutex granted in arrival order. A plain Lock lets the thread that just released it take it
-    straight back, so a long chunked prefill would starve the rounds waiting between its chunks."""
+    """A mutex granted in arrival order within each kind of work, alternating between kinds when
+    both wait: a round step never waits for more than one prefill chunk, and a prefill still
+    advances a chunk between steps. (A plain Lock lets the thread that just released it take it
+    straight back, so a long chunked prefill would starve the rounds waiting between its chunks.)
+
+        with lock:                  # a round step (the default kind)
+        with lock.turn("prefill"):  # one prefill chunk
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._queues: dict[str, deque[object]] = {}
+        self._held = False
+        self._last = ""
 
-    def __enter__(self) -> FairLock:
+    def _head(self) -> object | None:
+        waiting = [kind for kind, q in self._queues.items() if q]
+        if not waiting:
+            return None
+        others = [kind for kind in waiting if kind != self._last]
+        return self._queues[(others or waiting)[0]][0]
+
+    def acquire(self, kind: str = "round") -> None:
         me = object()
         with self._cond:
-            self._queue.append(me)
-            self._cond.wait_for(lambda: self._queue[0] is me)
+            self._queues.setdefault(kind, deque()).append(me)
+            self._cond.wait_for(lambda: not self._held and self._head() is me)
+            self._queues[kind].popleft()
+            self._held, self._last = True, kind
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def turn(self, kind: str = "round"):
+        self.acquire(kind)
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._queue.popleft()
-            self._cond.notify_all()
+        self.release()
 
 
 def pack_rows(rows: list[Row], slack: float = 0.5, free: int = 4 * BLOCK) -> list[list[int]]:

@@ -191,9 +191,9 @@ class VerifierEngine:
             self.sessions[sid] = entry
         start = time.perf_counter()
         # prefill all but the last prompt token now, so the first round only feeds 1 + k positions;
-        # chunk by chunk, each its own turn of the forward lock (FIFO), so waiting rounds go between
+        # chunk by chunk, each its own turn of the forward lock, so waiting rounds go between
         for row in sequence.prefill_rows(self.limits.prefill_chunk):
-            with self._forward_lock, self.adapters.rows([entry.adapter_row]):
+            with self._forward_lock.turn("prefill"), self.adapters.rows([entry.adapter_row]):
                 batched_forward(self.model, [row])
                 self.forwards += 1
         return OpenedSession(session_id=sid, position=len(entry.tokens), max_draft_len=self.limits.max_draft_len,

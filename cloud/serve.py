@@ -12,7 +12,11 @@ replica that holds its cache.
 Limits, each refused with its own status code: sessions per replica (RESOURCE_EXHAUSTED), draft
 length and malformed input (INVALID_ARGUMENT), message size (RESOURCE_EXHAUSTED, enforced by gRPC),
 idle sessions expire (their next round gets NOT_FOUND), unknown sessions (NOT_FOUND), tokenizer or
-base-model mismatch (FAILED_PRECONDITION), a round out of order (ABORTED).
+base-model mismatch (FAILED_PRECONDITION), a round out of order (ABORTED). With `tls_dir` every
+call needs a device certificate from the CA (mutual TLS) whose id is not revoked; a session belongs
+to the device that opened it (another device gets PERMISSION_DENIED) and each device has its own
+session and token quota (RESOURCE_EXHAUSTED for that device only). Without TLS a session is bound
+only to its 128-bit random id. A reaper process kills Ray's processes if this one dies uncleanly.
 """
 
 from __future__ import annotations

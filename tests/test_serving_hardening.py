@@ -33,6 +33,7 @@ from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 from fedge.protocol.tls import (
     DeviceGate,
     DeviceRefused,
+    channel_credentials,
     create_certificates,
     device_channel_credentials,
     require_device,
@@ -160,6 +161,25 @@ def test_a_long_prefill_does_not_block_other_sessions_rounds(tiny):
     assert opened.is_set()
 
 
+def test_serving_load_runs_many_phones_and_reports_latency_and_memory(tmp_path):
+    import argparse
+    import json
+
+    from fedge.simulations.serving_load import main
+
+    out = tmp_path / "load.json"
+    args = argparse.Namespace(model="tiny-random-llama", phones=6, rounds=2, k=3, min_prompt=4, max_prompt=300,
+                              think_ms=1.0, ramp_s=0.1, prefill_chunk=64, batch_wait_ms=1.0, threads=0, seed=0,
+                              json=str(out))
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert [r["config"] for r in report["results"]] == ["chunked prefill (64)", "one-shot prefill"]
+    for r in report["results"]:
+        assert r["rounds"] == 12 and r["refused"] == 0
+        assert 0 < r["round_p50_ms"] <= r["round_p95_ms"] <= r["round_max_ms"]
+        assert 0 < r["peak_kv_held_mb"] <= r["peak_kv_allocated_mb"] < 1.5 * r["peak_kv_held_mb"] + 1
+
+
 # ---- cancellation (scheduler) -----------------------------------------------------------------
 
 def test_a_cancelled_generation_leaves_the_batch_at_once(tiny):
@@ -236,6 +256,12 @@ def test_device_checks_fail_closed_on_an_asyncio_server(certs):
                 await call("phone-c", "CloseSession")
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
             await call("phone-b", "CloseSession")
+            # the cloud's own certificate (same CA) never passes for a device
+            server_as_client = channel_credentials(certs.ca_cert, certs.server_cert, certs.server_key)
+            async with grpc.aio.secure_channel(f"localhost:{port}", server_as_client) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await fedge_pb2_grpc.VerifierStub(channel).CloseSession(fedge_pb2.CloseSessionRequest(), timeout=10)
+            assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE)
             (certs.root / "revoked.txt").unlink()
             (certs.root / "revoked.txt").mkdir()  # unreadable revocation list: nobody gets in
             with pytest.raises(grpc.aio.AioRpcError) as info:
