@@ -282,7 +282,7 @@ class FederatedRun:
 
         if first_round == 1:
             self._record({"round": 0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": [],
-                          "rejected": []})
+                          "rejected": [], "noop_rounds_s": self.result.overhead_rounds_s})
         round_start = time.perf_counter()
 
         def after_round(server_round: int, state: StateDict, truncation: float, metrics) -> None:
