@@ -164,7 +164,8 @@ def load_draft(path: str | Path, check_target=None, float_dtype: torch.dtype = C
         model.load_state_dict(state, strict=False)
         model.tie_weights()
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
+        with torch.device("meta"):  # no float copy of the weights the packed layers replace (peak memory)
+            model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
         for name in _linear_names(model):
             parent_name, child = name.rsplit(".", 1)
             old = model.get_submodule(name)
@@ -173,13 +174,23 @@ def load_draft(path: str | Path, check_target=None, float_dtype: torch.dtype = C
         head = Int8Linear(config.hidden_size, config.vocab_size)
         model.lm_head = head
         model.model.embed_tokens = QuantizedEmbedding(head, float_dtype)
+        model.to_empty(device="cpu")  # the norms, filled from the file next, and the rotary buffers
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("inv_freq")]
         if missing or unexpected:
             raise DraftError(f"{path}: draft file does not match its config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+        _rebuild_rotary(model)
     model.eval()
     return model, tokenizer, info
+
+
+def _rebuild_rotary(model: nn.Module) -> None:
+    """Recompute the rotary embeddings' frequency buffers (not saved; left empty by the meta build)."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            parent, child = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(model.get_submodule(parent), child, type(module)(config=module.config))
 
 
 # ---------------------------------------------------------------- distillation
