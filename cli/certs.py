@@ -1,4 +1,8 @@
-"""`fedge certs create`: a CA, the cloud's server certificate, device certificates, an adapter-signing key.
+"""`fedge certs create`: a CA, the cloud's server certificate, device certificates and Flower SuperNode keys,
+an adapter-signing key.
+
+The same directory serves Flower's deployment engine: the SuperLink's TLS (ca.pem, server.pem/key), the
+`flwr` connection's `root-certificates` (ca.pem), and one SuperNode authentication key per device.
 
 Certificate creation is fedge.protocol.tls.create_certificates; this module only parses and reports.
 """
@@ -16,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_create(certs: argparse._SubParsersAction) -> None:
-    create = certs.add_parser("create", help="CA, server cert, per-device client certs, adapter-signing key")
+    create = certs.add_parser("create", help="CA, server cert, per-device client certs and SuperNode keys, "
+                                             "adapter-signing key")
     create.add_argument("--out", required=True, help="directory to write (an existing CA there is reused)")
     create.add_argument("--devices", default="", help="comma-separated device ids, e.g. phone-1,laptop-2")
     create.add_argument("--num-devices", type=int, default=0, help="also create PREFIX-0 .. PREFIX-(N-1)")
@@ -50,7 +55,8 @@ def _create(args: argparse.Namespace) -> int:
     print(f"  CA               {paths.ca_cert} (key {paths.ca_key}: keep it offline)")
     print(f"  server           {paths.server_cert} for {', '.join(hosts)}")
     for device_id in devices:
-        print(f"  device {device_id:<10}{paths.device_cert(device_id)}")
+        print(f"  device {device_id:<10}{paths.device_cert(device_id)}; SuperNode key "
+              f"{paths.supernode_key(device_id)} (register {paths.supernode_public_key(device_id)})")
     print(f"  adapter signing  {paths.signing_key} (public: {paths.signing_public_key})")
     print(f"  secagg signing   devices/<id>.sign.key; roster of device keys {roster} (ship it to every client)")
     return 0

@@ -24,6 +24,7 @@ GROUPS = {
     "cloud": ["serve"],
     "edge": ["generate"],
     "privacy": ["dp", "secagg-time"],
+    "federation": ["up"],
 }
 TOP_LEVEL = [*GROUPS, "generate", "demo"]
 # Commands that write files and choose where by default (the others require --out).
