@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from fedge.cached_sequence import CachedSequence
 from fedge.protocol.codecs import truncate_q
 from fedge.sampling import SamplingParams, sampling_probs
+from fedge.static_decoder import make_sequence
 
 SparseQ = tuple[list[int], list[float]]  # (token ids, probabilities) of one drafted position
 
@@ -30,7 +30,7 @@ class Drafter:
 
     def __init__(self, draft: torch.nn.Module, prompt_ids: list[int], params: SamplingParams, seed: int = 0,
                  q_support: int | None = None):
-        self.sequence = CachedSequence(draft, prompt_ids)
+        self.sequence = make_sequence(draft, prompt_ids)  # the lean runner where the model allows
         self.params = params
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.q_support = q_support

@@ -18,6 +18,7 @@ from fedge.cached_sequence import CachedSequence
 from fedge.kernels.verify import verify
 from fedge.sampling import SamplingParams
 from fedge.speculative import VerifyReply
+from fedge.static_decoder import make_sequence
 
 
 class TargetSequence(Protocol):
@@ -38,7 +39,7 @@ class TargetVerifierSession:
 
     def __init__(self, target: torch.nn.Module, prompt_ids: list[int], params: SamplingParams,
                  seed: int = 0):
-        self._init(CachedSequence(target, prompt_ids), params, seed, int(target.config.vocab_size))
+        self._init(make_sequence(target, prompt_ids), params, seed, int(target.config.vocab_size))
 
     @classmethod
     def over(cls, sequence: TargetSequence, params: SamplingParams, seed: int, vocab_size: int
@@ -70,7 +71,7 @@ class TargetVerifierSession:
             raise ValueError(f"draft token ids must lie in [0, {self.vocab_size})")
         if draft_probs is not None and tuple(draft_probs.shape) != (k, self.vocab_size):
             raise ValueError(f"draft_probs must be ({k}, {self.vocab_size}), got {tuple(draft_probs.shape)}")
-        assert isinstance(self.sequence, CachedSequence), "verify() runs the forward in process"
+        assert isinstance(self.sequence, CachedSequence), "verify() runs the forward in process"  # or its lean subclass
         logits = self.sequence.logits(draft_ids)  # (k + 1, V)
         n, next_id = self.judge(logits, draft_ids, draft_probs)
         self.advance(draft_ids, n, next_id)
