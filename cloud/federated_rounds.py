@@ -267,7 +267,9 @@ class FederatedRun:
         if hasattr(grid, "pull_interval"):
             grid.pull_interval = cfg.pull_interval  # Flower polls replies every 0.1 s by default
         start = time.perf_counter()
-        roster = discover_nodes(grid, cfg.min_nodes or cfg.num_clients, cfg.wait_nodes_s, cfg.round_timeout)
+        # the first message a node gets also starts its runtime (a Ray actor, a ClientApp process): be patient
+        roster = discover_nodes(grid, cfg.min_nodes or cfg.num_clients, cfg.wait_nodes_s,
+                                max(cfg.round_timeout, cfg.wait_nodes_s))
         self.result.discovery_s = time.perf_counter() - start
         server = ServerModel(cfg)
         self.result.model_bytes = server.model_bytes

@@ -64,7 +64,7 @@ def test_three_devices_two_secure_rounds_publish_a_signed_adapter(federation, tm
                                      "fedge.publish-registry": str(registry),
                                      "fedge.publish-signing-key": str(federation.certs.signing_key)})
     run_id = federation.submit(config)
-    assert federation.wait_run(run_id, 480) == "finished:completed"
+    assert federation.wait_run(run_id, 900) == "finished:completed"
     history = records(tmp_path)
     assert [r["round"] for r in history] == [0, 1, 2]
     for r in history[1:]:
@@ -105,7 +105,7 @@ def test_a_supernode_killed_during_a_round_the_round_completes_with_the_others(f
         time.sleep(0.2)
     federation.kill_node("device-2")  # SIGKILL, with the processes it started
     try:
-        assert federation.wait_run(run_id, 420) == "finished:completed"
+        assert federation.wait_run(run_id, 900) == "finished:completed"
     finally:
         federation.start_node("device-2")
     history = records(tmp_path)
