@@ -62,12 +62,47 @@ def expected_tokens_per_round(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
+@dataclass(frozen=True)
+class CostCurve:
+    """The verifier's forward time (seconds) against the positions in one batched forward, as the
+    cloud measured it (`fedge.cloud.cost_curve`); linear between points, extrapolated past the ends."""
+
+    positions: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.positions) < 2 or len(self.positions) != len(self.seconds) \
+                or list(self.positions) != sorted(set(self.positions)) or min(self.seconds) < 0:
+            raise ValueError("a cost curve needs >= 2 increasing positions with non-negative times")
+
+    def __call__(self, n: float) -> float:
+        p, s = self.positions, self.seconds
+        i = 1
+        while i < len(p) - 1 and n > p[i]:
+            i += 1
+        slope = (s[i] - s[i - 1]) / (p[i] - p[i - 1])
+        return max(0.0, s[i - 1] + slope * (n - p[i - 1]))
+
+
+def cloud_cost_per_token(curve: CostCurve, load: float, a: float, k: int) -> float:
+    """Cloud seconds per generated token: this session's share of a forward over `load` sessions'
+    k + 1 positions each, divided by the tokens a round yields."""
+    load = max(load, 1.0)
+    return curve(load * (k + 1)) / load / expected_tokens_per_round(a, k)
+
+
 @dataclass
 class DraftLengthController:
     """Chooses k per round to maximise expected tokens per second from measured costs.
 
     Cost of a round with k drafts: k * draft_s + verify_fixed_s + k * verify_per_token_s, where
     verify_fixed_s includes the network round trip when the verifier is remote.
+
+    Load-aware (vLLM's dynamic speculation as the anchor): given the verifier's `cost_curve` and its
+    current `load` (sessions per forward), a round's latency is k * draft_s + rtt_s + curve(load (k + 1)),
+    and k is the one with the least cloud cost per token (`cloud_cost_per_token`) among those whose
+    latency per token is within `latency_slack` of the best: the phone stays near its fastest, the
+    cloud pays as little as it can for it. Heavier load makes wide verifies dearer, so k shrinks.
     """
 
     k_max: int = 8
@@ -77,6 +112,10 @@ class DraftLengthController:
     # the per-token draft time k is chosen with; None = as measured. A simulation whose phones share
     # a few cores sets each phone's own (uncontended) drafting speed: its drafting budget
     draft_budget_s: float | None = None
+    cost_curve: CostCurve | None = None
+    load: float = 1.0
+    rtt_s: float | None = None  # None: learned from rounds (wall time of a verify minus the verifier's own)
+    latency_slack: float = 1.1
     accepted: float = field(default=0.0, init=False)
     rejected: float = field(default=0.0, init=False)
     draft_s: float = field(default=0.0, init=False)
@@ -94,6 +133,8 @@ class DraftLengthController:
         if self.draft_s == 0.0:
             return min(4, self.k_max)  # nothing measured yet
         a = min(self.acceptance, 0.999)
+        if self.cost_curve is not None:
+            return self.choose_for_load(a)
 
         def rate(k: int) -> float:
             cost = k * self.draft_s + self.verify_fixed_s + k * self.verify_per_token_s
@@ -101,7 +142,19 @@ class DraftLengthController:
 
         return max(range(1, self.k_max + 1), key=rate)
 
-    def record(self, k: int, n_accepted: int, draft_s: float, verify_s: float) -> None:
+    def choose_for_load(self, a: float) -> int:
+        """The argmin of cloud cost per token over k whose latency per token is near the best."""
+        curve, rtt = self.cost_curve, self.rtt_s or 0.0
+        assert curve is not None
+        ks = range(1, self.k_max + 1)
+        latency = {k: (k * self.draft_s + rtt + curve(max(self.load, 1.0) * (k + 1)))
+                   / expected_tokens_per_round(a, k) for k in ks}
+        best = min(latency.values())
+        near = [k for k in ks if latency[k] <= best * self.latency_slack]
+        return min(near, key=lambda k: (cloud_cost_per_token(curve, self.load, a, k), k))
+
+    def record(self, k: int, n_accepted: int, draft_s: float, verify_s: float,
+               round_trip_s: float | None = None) -> None:
         # acceptance: each round is n_accepted successes then one failure unless all k were kept
         self.accepted = self.smoothing * self.accepted + n_accepted
         self.rejected = self.smoothing * self.rejected + (1 if n_accepted < k else 0)
@@ -118,6 +171,9 @@ class DraftLengthController:
             self.verify_per_token_s = s * self.verify_per_token_s + (1 - s) * per_token
         if self.draft_budget_s is not None:
             self.draft_s = self.draft_budget_s
+        if round_trip_s is not None:
+            rtt = max(0.0, round_trip_s - verify_s)
+            self.rtt_s = rtt if self.rtt_s is None else self.smoothing * self.rtt_s + (1 - self.smoothing) * rtt
 
 
 @dataclass
@@ -179,7 +235,8 @@ def speculative_generate(
         out.extend(new)
         if on_tokens:
             on_tokens(new)
-        controller.record(k, reply.n_accepted, t1 - t0, reply.verify_s)
+        _observe_cloud(controller, verifier)
+        controller.record(k, reply.n_accepted, t1 - t0, reply.verify_s, t2 - t1)
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += reply.n_accepted
@@ -192,6 +249,14 @@ def speculative_generate(
     stats.generated = len(out)
     stats.wall_s = time.perf_counter() - start
     return GenerationResult(token_ids=out, stats=stats)
+
+
+def _observe_cloud(controller: DraftLengthController, verifier: Verifier) -> None:
+    """A verifier that knows its cost curve and load (`cost_curve`, `load`) hands them to the controller."""
+    curve = getattr(verifier, "cost_curve", None)
+    if isinstance(curve, CostCurve):
+        controller.cost_curve = curve
+        controller.load = float(getattr(verifier, "load", 1.0) or 1.0)
 
 
 def autoregressive_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
