@@ -75,3 +75,14 @@ def test_round_trip_learned_and_curve_taken_from_the_verifier(tiny):
     assert result.stats.ks[1:] and all(k == controller.choose_for_load(min(controller.acceptance, 0.999))
                                        for k in result.stats.ks[1:-1])
     assert expected_tokens_per_round(0.5, 1) == pytest.approx(1.5)
+
+
+def test_cost_curve_measured_on_a_real_model(tiny):
+    from fedge.cloud.cost_curve import measure_cost_curve
+
+    model, _ = tiny
+    curve = measure_cost_curve(model, sessions=(1, 2), widths=(1, 3), context=8, repeats=1)
+    assert curve.positions == (1, 2, 3, 6)
+    assert all(b >= a > 0 for a, b in zip(curve.seconds, curve.seconds[1:], strict=False))
+    with pytest.raises(ValueError):
+        measure_cost_curve(model, sessions=(1,), widths=(1,))
