@@ -181,6 +181,7 @@ class GenerationStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # rounds that ended in a rejection (n_accepted < k): a = accepted / (accepted + rejected)
     generated: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -240,6 +241,7 @@ def speculative_generate(
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += reply.n_accepted
+        stats.rejected += int(reply.n_accepted < k)
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.ks.append(k)

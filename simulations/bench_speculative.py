@@ -25,7 +25,8 @@ from fedge.data import load_corpus
 from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
 from fedge.edge.local_generate import SpeculativeGenerator, parse_k
 from fedge.models import encode_prompt, load_model
-from fedge.speculative import autoregressive_generate
+from fedge.speculative import autoregressive_generate, expected_tokens_per_round
+from fedge.static_decoder import LeanDecoder, StaticSequence, supports
 
 
 def default_data_dir() -> Path:
@@ -62,6 +63,7 @@ class MethodTotals:
     target_calls: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0
     identical: list[bool] = field(default_factory=list)
 
 
@@ -125,6 +127,7 @@ def _run_prompt(target, tokenizer, drafts: dict, prompt: list[int], max_new_toke
         rec.target_calls += stats.rounds
         rec.drafted += stats.drafted
         rec.accepted += stats.accepted
+        rec.rejected += stats.rejected
         rec.identical.append(out == reference)
 
 
@@ -134,7 +137,8 @@ def _summary(totals: dict, method: str, doms: list[str]) -> dict:
     toks = sum(r.tokens for r in recs)
     return {"seconds": secs, "tokens": toks, "tokens_per_s": toks / secs if secs else 0.0,
             "target_calls": sum(r.target_calls for r in recs), "drafted": sum(r.drafted for r in recs),
-            "accepted": sum(r.accepted for r in recs), "identical": all(i for r in recs for i in r.identical)}
+            "accepted": sum(r.accepted for r in recs), "rejected": sum(r.rejected for r in recs),
+            "identical": all(i for r in recs for i in r.identical)}
 
 
 def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
@@ -145,9 +149,14 @@ def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
             base = _summary(totals, "target", doms)
             hf = _summary(totals, f"hf_assisted[{name}]", doms)
             ours = _summary(totals, f"fedge[{name}]", doms)
+            # a for (1 - a^(k+1)) / (1 - a): accepted / (accepted + rejections), not accepted / drafted
+            a = ours["accepted"] / (ours["accepted"] + ours["rejected"]) if ours["accepted"] else 0.0
+            mean_k = ours["drafted"] / ours["target_calls"] if ours["target_calls"] else 0.0
             rows.append({
                 "draft": name, "domain": label,
                 "acceptance_rate": ours["accepted"] / ours["drafted"] if ours["drafted"] else 0.0,
+                "a": a, "mean_k": mean_k,
+                "predicted_tokens_per_round": expected_tokens_per_round(min(a, 0.9999), round(mean_k)),
                 "tokens_per_target_call": ours["tokens"] / ours["target_calls"] if ours["target_calls"] else 0.0,
                 "speedup_vs_target": ours["tokens_per_s"] / base["tokens_per_s"],
                 "speedup_vs_hf_assisted": ours["tokens_per_s"] / hf["tokens_per_s"],
@@ -163,12 +172,25 @@ def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
     return rows
 
 
+def _lean_tokens_per_s(model: torch.nn.Module, prompt: list[int], n: int) -> float:
+    """Greedy decode speed of the lean runner alone (prefill excluded, as a phone's draft steps)."""
+    sequence = StaticSequence(model, prompt)
+    sequence.logits()
+    start = time.perf_counter()
+    for _ in range(n):
+        sequence.accept([int(sequence.logits()[-1].argmax())])
+    return n / (time.perf_counter() - start)
+
+
 def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens: int, k: str,
         json_path: str, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     target, tokenizer = load_model(target_name)
     drafts = _load_drafts(target_name, target, draft_specs)
 
+    # the lean runners (fedge/static_decoder.py) serve fedge's side; FEDGE_COMPILE=1 compiles them first
+    warmup_s = {name: LeanDecoder.for_model(m).warm_up() if LeanDecoder.for_model(m).compile else 0.0
+                for name, m in [("target", target), *((d, m) for d, (m, _) in drafts.items())] if supports(m)}
     domains = {"code": code_prompts(tokenizer, n_prompts, seed), "gsm8k": gsm8k_prompts(tokenizer, n_prompts, seed)}
     fixed_k = parse_k(k)
     methods = ["target", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts)]
@@ -184,6 +206,8 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
         t0 = time.perf_counter()
         produced = autoregressive_generate(model, probe, 32)
         speed[name] = len(produced) / (time.perf_counter() - t0)
+        if supports(model):
+            speed[f"{name} (lean)"] = _lean_tokens_per_s(model, probe, 32)
 
     rows = _rows(totals, drafts, [d for d, prompts in domains.items() if prompts])
     primary = next(r for r in rows if r["draft"] == draft_specs[0] and r["domain"] == "all")
@@ -200,6 +224,9 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
         "draft_tokens_per_s": speed[draft_specs[0]],
         "target_tokens_per_s": speed["target"],
         "standalone_tokens_per_s": speed,
+        "compile": {name: LeanDecoder.for_model(m).compile for name, m in
+                    [("target", target), *((d, m) for d, (m, _) in drafts.items())] if supports(m)},
+        "compile_warmup_s": warmup_s,
         "rows": rows,
     }
     Path(json_path).write_text(json.dumps(report, indent=2))
@@ -210,7 +237,8 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
 def _print(report: dict, rows: list[dict]) -> None:
     table = Table(title=f"speculative decoding on {report['target']} ({report['max_new_tokens']} new tokens, "
                         f"k={report['k']}, {report['threads']} threads)")
-    cols = [("draft", "draft"), ("domain", "domain"), ("accept", "acceptance_rate"),
+    cols = [("draft", "draft"), ("domain", "domain"), ("acc/drafted", "acceptance_rate"), ("a", "a"),
+            ("mean k", "mean_k"), ("pred tok/call", "predicted_tokens_per_round"),
             ("tok/call", "tokens_per_target_call"), ("fedge tok/s", "fedge_tokens_per_s"),
             ("HF asst tok/s", "hf_assisted_tokens_per_s"), ("target tok/s", "target_only_tokens_per_s"),
             ("x target", "speedup_vs_target"), ("x HF asst", "speedup_vs_hf_assisted"),
