@@ -38,7 +38,8 @@ def test_logits_and_rollback_match_cached_sequence(tiny):
     assert _greedy(lean, 12) == _greedy(ref, 12)
 
 
-def test_greedy_speculative_identical_with_lean_runners(tiny):
+def test_greedy_speculative_identical_with_lean_runners(tiny, monkeypatch):
+    monkeypatch.setenv("FEDGE_LEAN", "1")
     model, tokenizer = tiny
     draft = LeanDecoder(model, compile=False)  # a second runner over the same weights: a perfect draft
     prompt = tokenizer("import os\nfor i in range(")["input_ids"]
@@ -85,6 +86,8 @@ def test_fallbacks(tiny, monkeypatch):
     assert LeanDecoder(model).compile is False
     monkeypatch.setenv("FEDGE_LEAN", "0")
     assert type(make_sequence(model, [1, 2])) is CachedSequence
+    monkeypatch.setenv("FEDGE_LEAN", "1")
+    assert type(make_sequence(model, [1, 2])) is StaticSequence
     assert not supports(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="at least one prompt token"):
         StaticSequence(model, [])
