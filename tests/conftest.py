@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is first imported,
+# and any test may import a kernel module first: decide once, before any test module is collected.
+# On CPU the kernels run under the interpreter; on a GPU (variable unset) they run compiled.
+if not (torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED_DATA = Path(os.environ.get("FEDGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -1,5 +1,6 @@
 """Packaging: fedge installs under its own namespace, next to packages with generic names."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -76,5 +77,8 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
         "assert hasattr(kernels, 'get_kernel'), 'not the Hugging Face kernels package';"
         "print('ok')"
     )
-    result = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    # a clean environment: Ray (started by earlier tests) puts the checkout on PYTHONPATH, whose
+    # fedge/ folder would shadow the installed package
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    result = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
