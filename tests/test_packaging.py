@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The environment as it was when tests were collected: tests that run before this one (Flower's Ray
+# backend, for one) change os.environ (PYTHONPATH with the checkout, ...), which would make the fresh
+# environment below import or install something other than what it claims to test.
+ENV_AT_COLLECTION = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 SOURCE_FOLDERS = ("protocol", "cloud", "edge", "peft_methods", "kernels", "simulations", "cli")
 
 
@@ -47,9 +51,8 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
-    # no build isolation: the environment's own setuptools builds it, so no download is needed here
-    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*build, "-w", str(wheels), str(source)], check=True, capture_output=True)
+    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"]
+    subprocess.run([*build, "-w", str(wheels), str(source)], check=True, capture_output=True, env=ENV_AT_COLLECTION)
     wheel = next(wheels.glob("fedge-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
@@ -59,12 +62,12 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
         assert f"fedge/{name}/__init__.py" in names, f"fedge.{name} is missing from the wheel"
     assert "fedge/protocol/fedge.proto" in names
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=ENV_AT_COLLECTION)
     py = venv / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), "kernels==0.17.2"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=ENV_AT_COLLECTION)
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+                                        text=True, env=ENV_AT_COLLECTION).strip())
     # fedge's own dependencies (torch, transformers, ...) come from the development environment,
     # appended after the fresh site-packages so that the fresh copies win.
     (site / "zz-dev-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -77,8 +80,6 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
         "assert hasattr(kernels, 'get_kernel'), 'not the Hugging Face kernels package';"
         "print('ok')"
     )
-    # a clean environment: Ray (started by earlier tests) puts the checkout on PYTHONPATH, whose
-    # fedge/ folder would shadow the installed package
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    result = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
+    result = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path,
+                            env=ENV_AT_COLLECTION)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
