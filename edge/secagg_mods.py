@@ -15,7 +15,8 @@ stage it calls the wrapped train function, turns its reply into an update (train
 reply itself for methods whose clients send what is summed, e.g. FedSVD products), clips it and adds
 this client's share of the DP noise when the server asks for DP, masks it and sends only the masked
 vector. Messages without a secure-aggregation record pass straight through, so the same app also
-serves plain rounds. `dp_mod` does the clip-and-noise step for plain (unmasked) rounds.
+serves plain rounds. `make_dp_mod(floor)` does the clip-and-noise step for plain (unmasked) rounds,
+refusing DP parameters below the client's own floor (`dp_mod`: no floor of its own).
 
 The client's secret state between stages lives in `context.state`, which stays on the node.
 """
@@ -204,25 +205,63 @@ def _load(context: Context, trust: tuple) -> SecAggClient:
     return SecAggClient.from_bytes(bytes(record["client"]), *trust)
 
 
-def dp_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower mod for plain rounds: clip the update (trained - global) and add this client's noise share.
+def make_dp_mod(floor: DPConfig | None = None):
+    """A Flower mod for plain rounds: clip the update (trained - global) and add this client's noise share.
 
     Active when the train message carries a ConfigRecord `fedge.dp` (sent by the server with the
-    clip norm, noise multiplier, n_min and who adds noise); otherwise it passes through.
+    clip norm, noise multiplier, n_min and who adds noise); otherwise it passes through. `floor` is
+    this client's own DP requirement, never taken from the server: with it, a round without DP
+    parameters, with the server adding the noise, or with less noise on this client's update than
+    the floor asks for is refused before training. In a plain round the server sees each update on
+    its own, so what protects it is this client's share alone, sigma C / sqrt(n_min): a server
+    claiming a large n_min shrinks every share, and the floor bounds sigma / sqrt(n_min) from below
+    (as well as sigma itself, which is what the sum of n_min shares carries).
     """
-    record = msg.content.config_records.get(DP_KEY) if msg.metadata.message_type.startswith("train") else None
-    if record is None or SECAGG_KEY in msg.content.config_records:
-        return call_next(msg, context)
-    try:
-        dp = _dp_from_record(record)
-        if dp is None:
-            raise ValueError("fedge.dp record lacks dp.clip_norm")
-        _, sent_record = _single_array_record(msg.content, "the train message")
-        sent = _numpy(sent_record)
-    except (ValueError, KeyError) as exc:
-        return _error(msg, ERROR_SECAGG, f"dp: {exc}")
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        is_train = msg.metadata.message_type.startswith("train")
+        record = msg.content.config_records.get(DP_KEY) if is_train else None
+        if not is_train or SECAGG_KEY in msg.content.config_records:  # secagg_mod checks its own floors
+            return call_next(msg, context)
+        if record is None and floor is None:
+            return call_next(msg, context)
+        try:
+            dp = _dp_from_record(record) if record is not None else None
+            if dp is None and record is not None:
+                raise ValueError("fedge.dp record lacks dp.clip_norm")
+            _check_dp_floor(dp, floor)
+            _, sent_record = _single_array_record(msg.content, "the train message")
+            sent = _numpy(sent_record)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(msg, ERROR_SECAGG, f"dp: {exc}")
+        return _dp_reply(msg, context, call_next, record, dp, sent)
+
+    return mod
+
+
+def _check_dp_floor(dp: DPConfig | None, floor: DPConfig | None) -> None:
+    """Refuse server DP parameters that give this client's update less noise than its own floor."""
+    if floor is None:
+        return
+    if dp is None:
+        raise ValueError("this client requires DP noise and the server sent no DP parameters: refusing to train")
+    if dp.noise_at != "client":
+        raise ValueError(f"noise_at={dp.noise_at!r}: the server would add the noise to an update it sees in "
+                         "the clear; this client adds its own")
+    if dp.noise_multiplier < floor.noise_multiplier:
+        raise ValueError(f"noise multiplier {dp.noise_multiplier} is below this client's minimum "
+                         f"{floor.noise_multiplier}: refusing to train")
+    share, own_share = dp.noise_multiplier / dp.min_clients ** 0.5, floor.noise_multiplier / floor.min_clients ** 0.5
+    if share < own_share * (1 - 1e-9):
+        raise ValueError(f"{dp.min_clients} noise shares of sigma {dp.noise_multiplier} leave this client's update "
+                         f"sigma {share:.4g}, below its floor {own_share:.4g} (sigma {floor.noise_multiplier} over "
+                         f"at most {floor.min_clients} shares): refusing to train")
+
+
+def _dp_reply(msg: Message, context: Context, call_next, record: ConfigRecord | None, dp: DPConfig | None,
+              sent: dict[str, np.ndarray]) -> Message:
     reply = call_next(msg, context)
-    if reply.has_error():
+    if reply.has_error() or dp is None:
         return reply
     key, trained_record = _single_array_record(reply.content, "the train reply")
     mode = str(record.get("update_mode", UPDATE_DELTA))
@@ -234,3 +273,6 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         out = {name: update[name].astype(trained[name].dtype) for name in trained}
     reply.content.array_records[key] = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in out.items()})
     return reply
+
+
+dp_mod = make_dp_mod()  # no floor of its own: applies what the server asks for
