@@ -18,6 +18,8 @@ import time
 
 import psutil
 
+from fedge.processes import stop_processes
+
 POLL_S = 0.5
 
 
@@ -62,17 +64,8 @@ def _still_ours(tracked: dict[int, float]) -> list[psutil.Process]:
 def reap(tracked: dict[int, float], grace_s: float = 5.0) -> int:
     """SIGTERM the tracked processes, SIGKILL what is left after `grace_s`; returns how many were alive."""
     procs = _still_ours(tracked)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive + _still_ours(tracked):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    stop_processes(procs, grace_s)
+    stop_processes(_still_ours(tracked), 0.0, hard=True)  # whatever they started meanwhile
     return len(procs)
 
 

@@ -111,23 +111,9 @@ def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) ->
 
 def stop_cloud(proc: subprocess.Popen) -> None:
     """SIGTERM the cloud and the Ray processes it started (by pid), SIGKILL what lingers."""
-    import psutil
+    from fedge.processes import stop_tree
 
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_tree(proc.pid, grace_s=20)
 
 
 def _run_mode(mode: str, clients, prompts: list[list[int]], max_new: int, stop: set[int], progress) -> ModeResult:

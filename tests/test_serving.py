@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,13 +11,13 @@ import threading
 import time
 
 import grpc
-import psutil
 import pytest
 import torch
 
 from fedge.edge.adapter_fetch import fetch_adapter
 from fedge.edge.client import EdgeClient, EdgeConfig, EdgeError
 from fedge.models import model_fingerprint, tokenizer_fingerprint
+from fedge.processes import stop_tree
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 from fedge.sampling import SamplingParams
 from fedge.speculative import autoregressive_generate
@@ -62,22 +61,7 @@ def start_cloud(port: int, *extra: str, timeout_s: float = 120.0) -> subprocess.
 
 def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
     """Stop the cloud and every process it started (Ray's GCS, raylet, workers), by pid."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=0 if hard else 15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    stop_tree(proc.pid, grace_s=15, hard=hard)
 
 
 @pytest.fixture(scope="module")

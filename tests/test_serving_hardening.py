@@ -29,6 +29,7 @@ from fedge.cloud.batching import BLOCK, KVBuffer, Row, pack_rows
 from fedge.cloud.engine import Limits, Refusal, RefusalCode, Round, RoundReply, VerifierEngine, VerifierError
 from fedge.cloud.scheduler import ContinuousBatchScheduler
 from fedge.models import model_fingerprint, tokenizer_fingerprint
+from fedge.processes import stop_tree, tree
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 from fedge.protocol.tls import (
     DeviceGate,
@@ -301,26 +302,8 @@ def _start_cloud(port: int, *extra: str) -> subprocess.Popen:
     return proc
 
 
-def _family(pid: int) -> list[psutil.Process]:
-    try:
-        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _stop(proc: subprocess.Popen) -> None:
-    family = _family(proc.pid)
-    for p in family:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_tree(proc.pid, grace_s=15)
 
 
 @pytest.fixture(scope="module")
@@ -481,7 +464,7 @@ def test_a_cancelled_generate_stops_computing(tls_cloud, certs, tiny):
 def test_sigkill_of_the_server_leaves_no_ray_process(tls_cloud):
     """Runs last: kills the module's cloud outright (no cleanup handler runs)."""
     proc, _ = tls_cloud
-    family = [p for p in _family(proc.pid) if p.pid != proc.pid]
+    family = [p for p in tree(proc.pid) if p.pid != proc.pid]
     assert any("raylet" in " ".join(p.cmdline()) for p in family)  # Ray is ours, started by this server
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
