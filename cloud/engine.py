@@ -151,7 +151,7 @@ class _Work:  # a validated round and where its reply goes
 
 class VerifierEngine:
     def __init__(self, model: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 limits: Limits | None = None, shard: int = 0, adapters: AdapterRegistry | None = None):
+                 limits: Limits | None = None, shard: int | str = 0, adapters: AdapterRegistry | None = None):
         self.model = model.eval()
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
