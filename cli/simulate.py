@@ -21,6 +21,9 @@ def _add_federated(simulate: argparse._SubParsersAction) -> None:
     _add_federated_training_options(fed_sim)
     fed_sim.add_argument("--faults", default="",
                          help="misbehaving clients PID:KIND[@ROUND],... (nan, inf, shape, crash, slow, hang)")
+    _add_federated_privacy_options(fed_sim)
+    fed_sim.add_argument("--ray-address", default="",
+                         help="run on this existing Ray cluster (e.g. 10.0.0.5:6379 from `ray start --head`)")
     fed_sim.add_argument("--local-only-clients", type=int, default=5)
     fed_sim.add_argument("--no-baselines", action="store_true", help="skip centralised and local-only runs")
     fed_sim.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints/METHOD")
@@ -55,6 +58,25 @@ def _add_federated_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
     parser.add_argument("--eval-clients", type=int, default=d.eval_clients,
                         help="evaluate on a seeded sample of this many clients (0 = all)")
+
+
+def _add_federated_privacy_options(parser: argparse.ArgumentParser) -> None:
+    from fedge.cloud.federated_config import FederatedConfig
+
+    d = FederatedConfig()
+    parser.add_argument("--secagg", action="store_true",
+                        help="train rounds under secure aggregation (the server sees only the sum)")
+    parser.add_argument("--secagg-threshold", type=float, default=d.secagg_threshold,
+                        help="fewest survivors, a fraction of the round's clients (raised to max(3, 2n/3))")
+    parser.add_argument("--dp-epsilon", type=float, default=d.dp_epsilon,
+                        help="client-level DP budget for the whole run (0 = off; inf = clip only, no noise); "
+                             "the noise multiplier is calibrated to spend it over --rounds")
+    parser.add_argument("--dp-clip", type=float, default=d.dp_clip, help="L2 clip of one client's round update")
+    parser.add_argument("--dp-delta", type=float, default=d.dp_delta,
+                        help="DP delta (0 = min(1e-3, 0.1 / clients), below 1 / clients)")
+    parser.add_argument("--dp-sampling", default=d.dp_sampling, choices=["server", "uniform"],
+                        help="server: the server picks clients, no amplification credit (q = 1); "
+                             "uniform: credit the sampling rate (only for a trusted uniform sampler)")
 
 
 def _add_federated_training_options(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +115,9 @@ def _federated_config(args: argparse.Namespace, method: str, num_clients: int):
         server_lr=args.server_lr, eval_examples=args.eval_examples, eval_clients=args.eval_clients, seed=args.seed,
         round_timeout=args.round_timeout, min_clients=args.min_clients, noop_rounds=args.noop_rounds,
         faults=args.faults, checkpoint_dir=str(checkpoints / method), resume=args.resume,
-        client_model=args.client_model, draft_quant=args.draft_quant, draft_layers=args.draft_layers)
+        client_model=args.client_model, draft_quant=args.draft_quant, draft_layers=args.draft_layers,
+        secagg=args.secagg, secagg_threshold=args.secagg_threshold, dp_epsilon=args.dp_epsilon, dp_clip=args.dp_clip,
+        dp_delta=args.dp_delta, dp_sampling=args.dp_sampling, ray_address=args.ray_address)
 
 
 def _federated(args: argparse.Namespace) -> int:

@@ -55,6 +55,12 @@ class FederatedConfig:
     server_eval_data: str = ""  # a held-out set the server itself owns (a data source), besides federated eval
     secagg: bool = False  # train rounds under secure aggregation (fedge.cloud.secagg_server)
     secagg_threshold: float = 0.6
+    # client-level DP (fedge.peft_methods.dp): off at 0; inf clips updates without noise (the clip's own cost)
+    dp_epsilon: float = 0.0  # the budget for the whole run; the noise multiplier is calibrated to reach it
+    dp_clip: float = 0.5  # L2 clip of one client's update (all trained tensors together) per round
+    dp_delta: float = 0.0  # 0 = min(1e-3, 0.1 / num_clients), below 1 / clients
+    dp_sampling: str = "server"  # "server": no credit for sampling (q = 1); "uniform": a trusted sampler
+    ray_address: str = ""  # simulations: run on this existing Ray cluster (`ray start --head`) instead of a new one
     publish_registry: str = ""  # publish each accepted adapter, signed, into this registry (fedge cloud serve)
     publish_signing_key: str = ""
     publish_every: str = "end"  # "round" (after each accepted round) or "end"
@@ -75,6 +81,37 @@ class FederatedConfig:
             raise ValueError(f"publish_every must be 'round' or 'end', got {self.publish_every!r}")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("--rounds and --steps must be >= 1")
+        if self.dp_epsilon < 0 or not self.dp_clip > 0 or not 0 <= self.dp_delta < 1:
+            raise ValueError(f"--dp-epsilon must be >= 0 (0 = off), --dp-clip > 0 and --dp-delta in [0, 1) "
+                             f"(got {self.dp_epsilon}, {self.dp_clip}, {self.dp_delta})")
+        if self.secagg and self.method == "hetlora":
+            raise ValueError("--secagg needs every client to send the same shapes; hetlora's ranks differ")
+        if self.dp_sampling not in ("server", "uniform"):
+            raise ValueError(f"--dp-sampling must be 'server' or 'uniform', got {self.dp_sampling!r}")
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_epsilon > 0
+
+    @property
+    def delta(self) -> float:
+        """The DP delta: as given, else min(1e-3, 0.1 / clients) (well below 1 / clients)."""
+        return self.dp_delta or min(1e-3, 0.1 / self.num_clients)
+
+    def dp_config(self, min_clients: int = 1):
+        """The run's `DPConfig` (None when DP is off): sigma calibrated so that `rounds` rounds spend
+        `dp_epsilon` at `delta`. Under secure aggregation the clients add the noise in shares (n_min =
+        `min_clients`, the secure-aggregation threshold); without it the server adds it to the sum
+        (private against whoever sees the adapter, not against the server)."""
+        if not self.dp_enabled:
+            return None
+        from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
+
+        rate = self.clients_per_round / self.num_clients if self.dp_sampling == "uniform" else 1.0
+        sigma = calibrate_noise_multiplier(self.dp_epsilon, self.delta, rate, self.rounds)
+        return DPConfig(clip_norm=self.dp_clip, noise_multiplier=sigma, delta=self.delta, max_epsilon=self.dp_epsilon,
+                        min_clients=min_clients if self.secagg else 1,
+                        noise_at="client" if self.secagg else "server", sampling=self.dp_sampling)
 
     @property
     def adapter_spec(self) -> AdapterSpec:
@@ -89,7 +126,8 @@ class FederatedConfig:
     def identity(self) -> str:
         """What must match for `--resume` to continue a checkpoint (not rounds, faults, timing)."""
         skip = {"rounds", "resume", "checkpoint_dir", "noop_rounds", "faults", "round_timeout", "pull_interval",
-                "min_nodes", "wait_nodes_s", "publish_registry", "publish_signing_key", "publish_every"}
+                "min_nodes", "wait_nodes_s", "publish_registry", "publish_signing_key", "publish_every",
+                "ray_address"}
         items = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 

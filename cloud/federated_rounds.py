@@ -54,6 +54,38 @@ def train_round(grid: Grid, strategy: LoraFedAvg, config: FederatedConfig, state
     return new_state, truncation, metrics
 
 
+def trained_layout(config: FederatedConfig):
+    """The layout of what clients send under secure aggregation (the method's trained tensors), read
+    from a round's train message."""
+    from fedge.protocol.secagg import VectorLayout
+
+    trains = config.method_spec.trains
+
+    def layout(messages) -> VectorLayout:
+        record = next(iter(messages[0].content.array_records.values()))
+        return VectorLayout(tuple((k, tuple(a.shape), "float32") for k, a in sorted(record.items()) if trains(k)))
+
+    return layout
+
+
+def privacy_grid_wrapper(config: FederatedConfig) -> Callable[[Grid], Grid] | None:
+    """The run's `secagg` / `dp_*` options as a grid wrapper: train rounds through `SecureAggregationGrid`
+    (a masked sum under secure aggregation, plain rounds with the server adding the DP noise otherwise);
+    None for neither. Under secure aggregation the DP noise comes in shares from the threshold's clients."""
+    if not (config.secagg or config.dp_enabled):
+        return None
+    from dataclasses import replace
+
+    from fedge.cloud.secagg_server import SecureAggregationSettings
+    from fedge.protocol.secagg_records import UPDATE_DIRECT
+
+    settings = SecureAggregationSettings(threshold=config.secagg_threshold, update_mode=UPDATE_DIRECT,
+                                         layout=trained_layout(config), secure=config.secagg,
+                                         population=config.num_clients, seed=config.seed)
+    settings = replace(settings, dp=config.dp_config(settings.threshold_for(config.clients_per_round)))
+    return lambda grid: SecureAggregationGrid(grid, settings)
+
+
 def run_rounds(grid: Grid, strategy: LoraFedAvg, config: FederatedConfig, state: StateDict, first: int,
                last: int, after_round: AfterRound | None = None) -> StateDict:
     """Rounds `first`..`last` (stopping early if a secure grid's privacy budget is spent)."""
@@ -221,15 +253,20 @@ def round_record(strategy: LoraFedAvg, names: dict[int, str], metrics: MetricRec
 
 
 def privacy_fields(grid: Grid) -> dict:
-    """Epsilon spent and secure-aggregation survivors, when the grid is a secure one."""
+    """Epsilon spent so far (with the noise multiplier, delta and clip behind it) and the round's
+    secure-aggregation survivors, when the grid is a secure one."""
     if not isinstance(grid, SecureAggregationGrid):
         return {}
     out = {}
     if grid.privacy_log:
-        out["epsilon"] = grid.privacy_log[-1].epsilon
+        last = grid.privacy_log[-1]
+        out.update(epsilon=last.epsilon, dp_delta=last.delta, noise_multiplier=last.noise_multiplier,
+                   dp_sample_rate=last.sample_rate, dp_clip=grid.settings.dp.clip_norm,
+                   dp_noise_at=grid.settings.dp.noise_at)
     if grid.history:
         out["secagg_survivors"] = grid.history[-1].survivors
         out["secagg_dropped"] = grid.history[-1].dropped
+        out["secure"] = grid.settings.secure
     return out
 
 

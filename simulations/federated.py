@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,6 +27,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.cloud.federated_config import FederatedConfig
 from fedge.simulations.faults import Mod
+from fedge.simulations.federated_report import (
+    compare_on_local_only_clients,
+    fmt_bytes,
+    method_report,
+    plot,
+    round_table,
+    summary_table,
+)
 
 if TYPE_CHECKING:
     from fedge.cloud.federated_rounds import FederatedResult
@@ -77,10 +85,39 @@ def simulated_devices(config: FederatedConfig):
             os.environ[SIMULATION_NODE_CONFIG] = before
 
 
+@contextmanager
+def attached_ray(config: FederatedConfig):
+    """With `ray_address`: connect to that running Ray cluster before Flower's backend starts (it skips
+    `ray.init` when Ray is up, and shuts Ray down at the end). The cluster's workers do not inherit this
+    process's environment, so the node defaults and the import path travel in the job's runtime env."""
+    if not config.ray_address:
+        yield
+        return
+    import sys
+
+    import ray
+
+    from fedge.edge.federated_client import SIMULATION_NODE_CONFIG
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {SIMULATION_NODE_CONFIG: json.dumps(node_defaults(config)), "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        ray.init(address=config.ray_address, runtime_env={"env_vars": env}, logging_level=logging.ERROR,
+                 log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot attach to the Ray cluster at {config.ray_address}: {exc}") from exc
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()  # disconnects this driver; the cluster keeps running
+
+
 def _run_simulation(config: FederatedConfig, server: ServerApp, app: ClientApp) -> None:
     from flwr.simulation import run_simulation
 
-    with simulated_devices(config):
+    with simulated_devices(config), attached_ray(config):
         run_simulation(server_app=server, client_app=app, num_supernodes=config.num_clients, backend_name="ray",
                        backend_config=backend_config(config), verbose_logging=False)
 
@@ -114,14 +151,18 @@ def run_federated(config: FederatedConfig, corpus, on_round: Callable[[dict], No
     """Run one federated simulation of the deployment's two apps (`fedge.cloud.server_app.app`, the
     device ClientApp); returns the FederatedResult and the config it ran (with the corpus's number of
     clients). The server never sees `corpus`: each virtual device loads its own partition. Without
-    `client_mods` the devices run the production app (secure aggregation and DP mods included);
+    `client_mods` the devices run the production app (secure aggregation and DP mods included); without
+    `grid_wrapper` the config's `secagg` / `dp_epsilon` choose it (`privacy_grid_wrapper`);
     `config.faults` adds the fault-injection mod innermost."""
     from fedge.cloud import server_app
+    from fedge.cloud.federated_rounds import privacy_grid_wrapper
     from fedge.edge import federated_client
     from fedge.simulations.faults import fault_mod
 
     if len(corpus.clients) != config.num_clients:
         config = replace(config, num_clients=len(corpus.clients))
+    if grid_wrapper is None:
+        grid_wrapper = privacy_grid_wrapper(config)  # --secagg / --dp-epsilon
     if config.faults:
         from fedge.edge.secagg_mods import dp_mod, secagg_mod
 
@@ -201,136 +242,6 @@ def baselines(config: FederatedConfig, corpus, local_only_clients: int, console)
     return out
 
 
-# ---------------------------------------------------------------- report
-
-
-def method_report(config: FederatedConfig, result, base: dict) -> dict:
-    from fedge.cloud.federated_rounds import overhead_s_per_round
-
-    records = result.records
-    final = records[-1]
-    trained = [r for r in records if r["round"] > 0]
-    bytes_up = [r["bytes_up_per_client"] for r in trained]
-    report = {
-        "method": config.method,
-        "strategy": config.strategy,
-        "final_loss": final["global_loss"],
-        "final_perplexity": final["global_perplexity"],
-        "initial_perplexity": records[0]["global_perplexity"] if records[0]["round"] == 0 else None,
-        "worst_client_perplexity": final["worst_client_perplexity"],
-        "worst_client": final["worst_client"],
-        "bytes_up_per_client_round": sum(bytes_up) / max(1, len(bytes_up)),
-        "bytes_down_per_client_round": sum(r["bytes_down_per_client"] for r in trained) / max(1, len(trained)),
-        "model_bytes": result.model_bytes,
-        "overhead_s_per_round": overhead_s_per_round(result.overhead_rounds_s),
-        "noop_rounds_s": result.overhead_rounds_s,
-        "discovery_s": result.discovery_s,
-        "resumed_from_round": result.resumed_from,
-        "rejected": sum(len(r.get("rejected", [])) for r in trained),
-        "rounds": records,
-        "config": asdict(config),
-    }
-    report["bytes_up_fraction_of_model"] = report["bytes_up_per_client_round"] / max(1, result.model_bytes)
-    errors = [r["aggregation_error"] for r in trained if r.get("aggregation_error") is not None]
-    report["aggregation_error_mean"] = sum(errors) / len(errors) if errors else None
-    report.update({k: v for k, v in base.items() if not k.endswith("_s")})
-    return report
-
-
-def compare_on_local_only_clients(report: dict, base: dict) -> None:
-    """Local-only adapters are evaluated on their own clients only: put the global adapter, the
-    initial model and centralised LoRA on the same clients (mean loss per client) beside them."""
-    chosen = base.get("local_only_clients")
-    if not chosen:
-        return
-    first, last = report["rounds"][0]["client_loss"], report["rounds"][-1]["client_loss"]
-    if not all(c in last for c in chosen):
-        return
-
-    def ppl(losses: dict) -> float:
-        return math.exp(sum(losses[c] for c in chosen) / len(chosen))
-
-    report["local_only_clients_final_perplexity"] = ppl(last)
-    if report["rounds"][0]["round"] == 0:
-        report["local_only_clients_initial_perplexity"] = ppl(first)
-    if "centralized_client_loss" in base:
-        report["local_only_clients_centralized_perplexity"] = ppl(base["centralized_client_loss"])
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def round_table(report: dict):
-    from rich.table import Table
-
-    table = Table(title=f"{report['method']} ({report['strategy']}): per round")
-    for col in ("round", "global ppl", "worst client ppl", "personal ppl (mean)", "bytes up/client",
-                "bytes down/client", "rejected", "train s"):
-        table.add_column(col, justify="right")
-    for r in report["rounds"]:
-        personal = list(r.get("personal_loss", {}).values())
-        table.add_row(str(r["round"]), f"{r['global_perplexity']:.3f}", f"{r['worst_client_perplexity']:.3f}",
-                      f"{math.exp(sum(personal) / len(personal)):.3f}" if personal else "-",
-                      _fmt_bytes(r.get("bytes_up_per_client", 0)) if r["round"] else "-",
-                      _fmt_bytes(r.get("bytes_down_per_client", 0)) if r["round"] else "-",
-                      str(len(r.get("rejected", []))), f"{r.get('train_s', 0):.1f}" if r["round"] else "-")
-    return table
-
-
-def summary_table(reports: list[dict]):
-    from rich.table import Table
-
-    table = Table(title="federated LoRA: summary")
-    for col in ("method", "final ppl", "vs central", "central ppl", "local-only ppl (fed, same clients)",
-                "worst client ppl", "agg. error", "bytes up/client/round", "% of model", "overhead s/round"):
-        table.add_column(col, justify="right")
-    for r in reports:
-        central = r.get("centralized_perplexity")
-        table.add_row(r["method"], f"{r['final_perplexity']:.3f}",
-                      f"{r['final_perplexity'] / central:.3f}x" if central else "-",
-                      f"{central:.3f}" if central else "-",
-                      f"{r['local_only_perplexity']:.3f} ({r['local_only_clients_final_perplexity']:.3f})"
-                      if r.get("local_only_clients_final_perplexity") else "-",
-                      f"{r['worst_client_perplexity']:.3f}",
-                      f"{r['aggregation_error_mean']:.2e}" if r.get("aggregation_error_mean") is not None else "-",
-                      _fmt_bytes(r["bytes_up_per_client_round"]),
-                      f"{100 * r['bytes_up_fraction_of_model']:.3f}%",
-                      f"{r['overhead_s_per_round']:.3f}" if r["overhead_s_per_round"] is not None else "-")
-    return table
-
-
-def plot(reports: list[dict], base: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in reports:
-        rounds = [x["round"] for x in r["rounds"]]
-        line, = ax.plot(rounds, [x["global_loss"] for x in r["rounds"]], marker="o", label=f"{r['method']} global")
-        ax.plot(rounds, [x["worst_client_loss"] for x in r["rounds"]], ls=":", color=line.get_color(),
-                label=f"{r['method']} worst client")
-    if "centralized_loss" in base:
-        ax.axhline(base["centralized_loss"], color="k", ls="--", label="centralised LoRA")
-    if "local_only_loss" in base:  # on its own few clients, not the whole federation
-        ax.axhline(base["local_only_loss"], color="gray", ls="-.",
-                   label=f"local-only ({len(base.get('local_only_clients', []))} clients' own held-out)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def save_adapter(config: FederatedConfig, state, path: Path) -> None:
     from fedge.peft_methods.lora_model import AdaptedModel
 
@@ -356,8 +267,9 @@ def _round_line(record: dict, total: int) -> str:
     return (f"  round {record['round']}/{total}: global ppl {record['global_perplexity']:.3f}, "
             f"worst {record['worst_client']} {record['worst_client_perplexity']:.3f}"
             + (f", {len(record.get('accepted', []))} updates, "
-               f"{_fmt_bytes(record['bytes_up'])} up, {_fmt_bytes(record['bytes_down'])} down, "
-               f"{record['train_s']:.1f} s" if record["round"] else "") + rej)
+               f"{fmt_bytes(record['bytes_up'])} up, {fmt_bytes(record['bytes_down'])} down, "
+               f"{record['train_s']:.1f} s" if record["round"] else "")
+            + (f", epsilon {record['epsilon']:.2f}" if record.get("epsilon") is not None else "") + rej)
 
 
 def _run_method(config: FederatedConfig, corpus, out_dir: Path, console) -> dict:
