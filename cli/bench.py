@@ -1,4 +1,5 @@
-"""`fedge bench speculative|kernels|draft-training|serving-load`: benchmarks that print a table and write JSON."""
+"""`fedge bench speculative|kernels|draft-training|serving-load|aggregation|deployment`: benchmarks that print a table
+and write JSON."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_kernels(bench)
     _add_draft_training(bench)
     _add_serving_load(bench)
+    _add_aggregation(bench)
+    _add_deployment(bench)
 
 
 def _add_speculative(bench: argparse._SubParsersAction) -> None:
@@ -86,3 +89,41 @@ def _add_serving_load(bench: argparse._SubParsersAction) -> None:
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--json", default=default_output("bench-serving-load", "bench-serving-load.json"))
     load.set_defaults(func=run_lazily("fedge.simulations.serving_load", output_files=("json",)))
+
+
+def _add_aggregation(bench: argparse._SubParsersAction) -> None:
+    from fedge.models import DEFAULT_MODEL
+
+    agg = bench.add_parser("aggregation", help="fedavg vs ffa vs fedsvd vs hetlora over seeds and partitions: "
+                                               "final perplexity mean and spread, bytes both ways")
+    agg.add_argument("--model", default=DEFAULT_MODEL)
+    agg.add_argument("--methods", default="fedavg,ffa,fedsvd,hetlora")
+    agg.add_argument("--partitions", default="natural,dirichlet:0.1")
+    agg.add_argument("--seeds", default="0,1,2")
+    agg.add_argument("--data", default="stdlib")
+    agg.add_argument("--rounds", type=int, default=20)
+    agg.add_argument("--clients", type=int, default=8)
+    agg.add_argument("--clients-per-round", type=int, default=2)
+    agg.add_argument("--steps", type=int, default=2, help="local steps per round")
+    agg.add_argument("--batch-size", type=int, default=2)
+    agg.add_argument("--seq-len", type=int, default=32)
+    agg.add_argument("--lr", type=float, default=3e-3)
+    agg.add_argument("--rank", type=int, default=8)
+    agg.add_argument("--eval-examples", type=int, default=2, help="held-out windows per client per round")
+    agg.add_argument("--client-model", default="target", choices=["target", "draft"])
+    agg.add_argument("--json", default=default_output("bench-aggregation", "bench-aggregation.json"))
+    agg.set_defaults(func=run_lazily("fedge.simulations.bench_aggregation", output_files=("json",)))
+
+
+def _add_deployment(bench: argparse._SubParsersAction) -> None:
+    dep = bench.add_parser("deployment", help="round time on Flower's deployment engine (SuperLink + SuperNodes "
+                                              "on loopback) vs the simulation: no-op and 1-step rounds")
+    dep.add_argument("--devices", type=int, default=3)
+    dep.add_argument("--noop-rounds", type=int, default=4)
+    dep.add_argument("--rounds", type=int, default=3, help="1-step training rounds")
+    dep.add_argument("--model", default="tiny-random-llama")
+    dep.add_argument("--client-model", default="target", choices=["target", "draft"])
+    dep.add_argument("--data", default="stdlib")
+    dep.add_argument("--seq-len", type=int, default=32)
+    dep.add_argument("--json", default=default_output("bench-deployment", "bench-deployment.json"))
+    dep.set_defaults(func=run_lazily("fedge.simulations.bench_deployment", output_files=("json",)))

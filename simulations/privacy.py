@@ -1,21 +1,23 @@
-"""`fedge privacy ...`: what leaks, at what epsilon, at what cost; and what secure aggregation costs.
+"""`fedge privacy dp`: what leaks from the global adapter, at what epsilon, at what cost.
 
-Both experiments run the project's real federated LoRA path: Flower's simulation engine (Ray), the
-edge ClientApp's train function (local LoRA with peft) wrapped in the privacy mods
-(`fedge.edge.secagg_mods.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy
-(`fedge.cloud.strategies.build_strategy`) and the one round loop (`fedge.cloud.federated_rounds.run_rounds`)
-driven through `fedge.cloud.secagg_server.SecureAggregationGrid`. One ServerApp runs every
-configuration of an experiment back to back in the same simulation, so the comparisons share the
-machine and the actors.
+The experiment runs the project's real federated LoRA path on the default model: Flower's simulation
+engine (Ray), the edge ClientApp's train function (local LoRA with peft) wrapped in the privacy mods
+(`fedge.edge.secagg_mods.secagg_mod`, `dp_mod`), the cloud's LoRA-aware strategy and the one round
+loop (`fedge.cloud.federated_rounds.run_rounds`) through `fedge.cloud.secagg_server.SecureAggregationGrid`.
+One ServerApp trains every epsilon back to back from the same init in the same simulation, so the
+comparison shares the machine and the actors.
 
-- `fedge privacy dp`: for each epsilon (inf = no DP), train the global adapter from the same init
-  with secure aggregation and client-level DP calibrated to reach that epsilon after the rounds, then
-  measure: utility (held-out perplexity), membership inference on the global adapter (loss-threshold
-  and reference-model attacks on member vs non-member windows: ROC AUC) and canary exposure (random
-  secrets planted in one client's data; Carlini et al. 2019's rank-based exposure).
-- `fedge privacy secagg-time`: round time of secure-aggregation rounds vs plain rounds (the same
-  training, the same clients) with 0%, 10% and 30% of the sampled clients dropping after sharing keys,
-  plus the cryptography alone at the default model's LoRA size.
+For each epsilon (inf = no DP: no clipping, no noise) the global adapter is trained with secure
+aggregation and client-level distributed DP calibrated to spend that epsilon over the rounds, then
+attacked: membership inference (loss-threshold, and reference-model: loss minus the base model's
+loss, on the documents clients trained on vs documents of the same families that no client saw;
+ROC AUC with a 95% interval), canary exposure (a random secret at the top of several of one
+client's documents, ranked among random secrets of the same format), and its utility (held-out
+perplexity on the non-member documents). Settings are the ones under which a model memorises (few
+short documents per client, several local steps, the canary repeated): the signal at epsilon inf
+is what an honest-but-curious reader of the released adapter could get.
+
+Secure-aggregation timing (`fedge privacy secagg-time`) is `fedge.simulations.privacy_secagg_time`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from fedge.cloud.federated_config import FederatedConfig
-from fedge.simulations.privacy_attacks import PrivacyData, build_dataset, exposure, per_window_losses, roc_auc
+from fedge.models import DEFAULT_MODEL
+from fedge.simulations.privacy_attacks import (
+    PrivacyData,
+    auc_halfwidth,
+    build_dataset,
+    exposure,
+    per_window_losses,
+    roc_auc,
+)
 
 log = logging.getLogger("fedge.privacy")
 
@@ -40,40 +50,24 @@ log = logging.getLogger("fedge.privacy")
 class DPExperiment:
     """`fedge privacy dp`: the DP budgets to compare and the small federation they are compared on."""
 
-    model: str = "tiny-random-llama"
+    model: str = DEFAULT_MODEL
     epsilons: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
     delta: float = 1e-3  # below 1/number of clients
-    clip: float = 0.05  # client update L2 clip norm C
-    clients: int = 10
-    clients_per_round: int = 10
+    clip: float = 0.5  # client update L2 clip norm C (under DP)
+    clients: int = 5  # every client takes part in every round (the accountant charges q = 1 anyway)
     rounds: int = 4
     steps: int = 8
-    batch_size: int = 4
-    seq_len: int = 96
+    batch_size: int = 2
+    seq_len: int = 64
     lr: float = 2e-2
     rank: int = 8
     targets: str = "q_proj,k_proj,v_proj,o_proj"
-    examples_per_client: int = 8
-    eval_examples: int = 4  # member and non-member windows per client
+    examples_per_client: int = 8  # short documents (one training window each): the members
+    nonmembers_per_client: int = 8  # documents of the same families nobody trains on
+    doc_chars: int = 240
     canary_repeats: int = 4
-    seed: int = 0
-
-
-@dataclass
-class SecAggTimeExperiment:
-    """`fedge privacy secagg-time`: secure vs plain rounds at several dropout rates."""
-
-    model: str = "tiny-random-llama"
-    clients: int = 20
-    clients_per_round: int = 20
-    partition: str = "iid"
-    rounds: int = 2
-    dropouts: tuple[float, ...] = (0.0, 0.1, 0.3)
-    steps: int = 2
-    batch_size: int = 2
-    seq_len: int = 64
-    rank: int = 8
-    crypto_vector_length: int = 184_320  # FFA lora_B of q,v at rank 8 on SmolLM2-135M
+    candidates: int = 1023  # random secrets the canary is ranked among (max exposure log2(1024) = 10 bits)
+    client_model: str = "target"  # what clients train on (the int4 draft is ~1.6x slower per step on CPU)
     seed: int = 0
 
 
@@ -118,18 +112,19 @@ def secure_grid_wrapper(config: FederatedConfig, dp=None, threshold: float = 0.6
     return lambda grid: SecureAggregationGrid(grid, settings)
 
 
-def train_secure(grid, settings, config: FederatedConfig, node_of_partition: dict[int, int], init, rounds: int):
+def train_secure(grid, settings, config: FederatedConfig, node_of_partition: dict[int, int], init, rounds: int,
+                 after_round=None):
     """A fresh strategy trained from `init` for `rounds` rounds through a secure grid; (state, the grid)."""
     from fedge.cloud.federated_rounds import run_rounds
     from fedge.cloud.secagg_server import SecureAggregationGrid
     from fedge.cloud.strategies import build_strategy
 
     secure = SecureAggregationGrid(grid, settings)
-    state = run_rounds(secure, build_strategy(config, node_of_partition), config, init, 1, rounds)
+    state = run_rounds(secure, build_strategy(config, node_of_partition), config, init, 1, rounds, after_round)
     return state, secure
 
 
-def _simulate(config: FederatedConfig, body):
+def simulate_private(config: FederatedConfig, body):
     """`body(grid, node_of_partition)` as the ServerApp of one simulation of the privacy ClientApp."""
     from fedge.cloud.federated_rounds import discover_partitions
     from fedge.simulations.federated import client_app, simulate
@@ -147,46 +142,62 @@ def _dp_config(experiment: DPExperiment, data: PrivacyData) -> tuple[FederatedCo
     from fedge.data import load_corpus
 
     config = FederatedConfig(model=experiment.model, data=f"jsonl:{data.path}", partition="natural",
-                             num_clients=experiment.clients, clients_per_round=experiment.clients_per_round,
+                             num_clients=experiment.clients, clients_per_round=experiment.clients,
                              rounds=experiment.rounds, method="ffa", rank=experiment.rank, steps=experiment.steps,
                              batch_size=experiment.batch_size, seq_len=experiment.seq_len, lr=experiment.lr,
-                             eval_examples=experiment.eval_examples, seed=experiment.seed, noop_rounds=0,
-                             targets=experiment.targets)
+                             eval_examples=1, seed=experiment.seed, noop_rounds=0, targets=experiment.targets,
+                             client_model=experiment.client_model)
     corpus = load_corpus(config.data, "natural", num_clients=config.num_clients, seed=config.seed)
     if len(corpus.clients) != config.num_clients:
-        config = replace(config, num_clients=len(corpus.clients))
+        n = len(corpus.clients)
+        config = replace(config, num_clients=n, clients_per_round=n)
     return config, corpus
 
 
-class _Attacks:
-    """The evaluator model and the member / non-member windows every epsilon is attacked on."""
+def _norm(state: dict, before: dict) -> float:
+    return float(np.sqrt(sum(float(((state[k].double() - before[k].double()) ** 2).sum()) for k in state)))
 
-    def __init__(self, config: FederatedConfig, corpus, data: PrivacyData, eval_examples: int) -> None:
+
+class _Attacks:
+    """The evaluator model and the member / non-member documents every epsilon is attacked on."""
+
+    def __init__(self, config: FederatedConfig, corpus, data: PrivacyData) -> None:
         from fedge.peft_methods.lora_model import AdaptedModel, eval_windows, pad_token_id
 
         self.evaluator = AdaptedModel(config.model, config.adapter_spec)
         self.tok, self.pad_id, self.data = self.evaluator.tokenizer, pad_token_id(self.evaluator.tokenizer), data
         self.init = self.evaluator.get_state()
-        self.members = [w for c in corpus.clients for w in eval_windows(c.train, self.tok, eval_examples,
-                                                                         config.seq_len)]
-        self.nonmembers = [w for c in corpus.clients for w in eval_windows(c.heldout, self.tok, eval_examples,
-                                                                            config.seq_len)]
+        members = [ex for c in corpus.clients for ex in c.train]  # exactly what the clients train on
+        nonmembers = [ex.text for c in corpus.clients for ex in c.heldout] + [t for ts in data.nonmembers.values()
+                                                                               for t in ts]
+        self.members = eval_windows(members, self.tok, len(members), config.seq_len)
+        self.nonmembers = [w for w in (self.tok(t, add_special_tokens=False)["input_ids"][:config.seq_len]
+                                       for t in nonmembers) if len(w) >= 2]
+        trained = next(c for c in corpus.clients if c.name == data.canary_client).train
+        self.canary_copies = sum(ex.text.startswith(data.canary) for ex in trained)
+        if self.canary_copies == 0:
+            raise ValueError("every canary document was held out of training; use another --seed")
         self.reference = self.losses(self.init)
 
     def losses(self, state) -> tuple[list[float], list[float]]:
         self.evaluator.set_state(state)
-        return (per_window_losses(self.evaluator.model, self.members, self.pad_id),
-                per_window_losses(self.evaluator.model, self.nonmembers, self.pad_id))
+        model = self.evaluator.model
+        return per_window_losses(model, self.members, self.pad_id), per_window_losses(model, self.nonmembers,
+                                                                                    self.pad_id)
 
     def measure(self, state) -> dict:
         member_loss, nonmember_loss = self.losses(state)
-        heldout_loss = float(np.mean(nonmember_loss))
         ref_members, ref_nonmembers = self.reference
+        heldout_loss = float(np.mean(nonmember_loss))
+        auc_loss = roc_auc([-x for x in member_loss], [-x for x in nonmember_loss])
+        auc_ref = roc_auc([r - x for x, r in zip(member_loss, ref_members, strict=True)],
+                          [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)])
+        m, n = len(member_loss), len(nonmember_loss)
         return {
             "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
-            "mia_auc_loss": roc_auc([-x for x in member_loss], [-x for x in nonmember_loss]),
-            "mia_auc_reference": roc_auc([r - x for x, r in zip(member_loss, ref_members, strict=True)],
-                                         [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)]),
+            "member_loss": float(np.mean(member_loss)),
+            "mia_auc_loss": auc_loss, "mia_auc_loss_ci95": auc_halfwidth(auc_loss, m, n),
+            "mia_auc_reference": auc_ref, "mia_auc_reference_ci95": auc_halfwidth(auc_ref, m, n),
             **{f"canary_{k}": v for k, v in self.canary(state).items()},
         }
 
@@ -195,25 +206,40 @@ class _Attacks:
         return exposure(self.evaluator.model, self.tok, self.data.canary, self.data.candidates, self.pad_id)
 
 
+def _dp_settings(experiment: DPExperiment, eps: float, config: FederatedConfig, threshold: int):
+    """The secure-aggregation settings of one epsilon: no DP at inf, else distributed noise shares
+    from at least `threshold` clients, sigma calibrated (at q = 1) to spend `eps` over the rounds."""
+    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
+
+    dp = None
+    if not math.isinf(eps):
+        sigma = calibrate_noise_multiplier(eps, experiment.delta, 1.0, config.rounds)
+        dp = DPConfig(clip_norm=experiment.clip, noise_multiplier=sigma, delta=experiment.delta, max_epsilon=eps,
+                      min_clients=threshold)
+    return secure_settings(config, dp, threshold, experiment.seed)
+
+
 def _dp_row(experiment: DPExperiment, eps: float, grid, config: FederatedConfig, nodes: dict[int, int],
             attacks: _Attacks, threshold: int) -> dict:
     """Train under DP calibrated to `eps` (inf: no DP) with secure aggregation, then attack the adapter."""
-    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
-
     start = time.perf_counter()
-    dp, sigma = None, 0.0
-    if not math.isinf(eps):
-        sigma = calibrate_noise_multiplier(eps, experiment.delta, config.clients_per_round / config.num_clients,
-                                           config.rounds)
-        dp = DPConfig(clip_norm=experiment.clip, noise_multiplier=sigma, delta=experiment.delta, max_epsilon=eps,
-                      min_clients=threshold)
-    settings = secure_settings(config, dp, threshold, experiment.seed)
-    state, secure = train_secure(grid, settings, config, nodes, attacks.init, config.rounds)
-    row = {"epsilon": eps, "noise_multiplier": sigma, "clip_norm": experiment.clip if dp else None,
-           "rounds_run": len(secure.history),
+    settings = _dp_settings(experiment, eps, config, threshold)
+    norms, previous = [], [attacks.init]
+
+    def after_round(server_round, state, truncation, metrics) -> None:
+        norms.append(_norm(state, previous[0]))
+        previous[0] = state
+        log.warning("epsilon %s: round %d/%d done", eps, server_round, config.rounds)
+
+    state, secure = train_secure(grid, settings, config, nodes, attacks.init, config.rounds, after_round)
+    dp = settings.dp
+    row = {"epsilon": eps, "noise_multiplier": dp.noise_multiplier if dp else 0.0,
+           "clip_norm": dp.clip_norm if dp else None, "rounds_run": len(secure.history),
            "epsilon_spent": secure.privacy_log[-1].epsilon if secure.privacy_log else (0.0 if dp else math.inf),
+           "global_update_norm_per_round": norms, "survivors": [h.survivors for h in secure.history],
            **attacks.measure(state), "seconds": time.perf_counter() - start}
-    log.warning("epsilon %s: %s", eps, {k: row[k] for k in ("heldout_perplexity", "mia_auc_loss", "canary_exposure")})
+    log.warning("epsilon %s: %s", eps, {k: round(row[k], 3) for k in ("heldout_perplexity", "mia_auc_loss",
+                                                                        "mia_auc_reference", "canary_exposure")})
     return row
 
 
@@ -221,100 +247,34 @@ def run_dp_experiment(experiment: DPExperiment) -> dict:
     from fedge.peft_methods.dp import RDPAccountant
 
     data = build_dataset(Path(tempfile.mkdtemp(prefix="fedge-privacy-")), experiment.clients,
-                         experiment.examples_per_client, experiment.canary_repeats, experiment.seed)
+                         experiment.examples_per_client, experiment.canary_repeats, experiment.seed,
+                         experiment.doc_chars, experiment.nonmembers_per_client, experiment.candidates)
     config, corpus = _dp_config(experiment, data)
-    threshold = max(2, math.ceil(0.6 * config.clients_per_round))
+    from fedge.cloud.secagg_server import SecureAggregationSettings
+
+    threshold = SecureAggregationSettings(threshold=0.6).threshold_for(config.clients_per_round)
 
     def body(grid, nodes):
-        attacks = _Attacks(config, corpus, data, experiment.eval_examples)
+        attacks = _Attacks(config, corpus, data)
+        init = {"heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
+                **{f"canary_{k}": v for k, v in attacks.canary(attacks.init).items()}}
         rows = [_dp_row(experiment, eps, grid, config, nodes, attacks, threshold) for eps in experiment.epsilons]
-        return {"rows": rows, "init_heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
-                "init_canary_exposure": attacks.canary(attacks.init)["exposure"]}
+        return {"rows": rows, "init": init, "members": len(attacks.members), "nonmembers": len(attacks.nonmembers),
+                "canary_copies_trained": attacks.canary_copies}
 
-    result = _simulate(config, body)
+    start = time.perf_counter()
+    result = simulate_private(config, body)
     inf_row = next((r for r in result["rows"] if math.isinf(r["epsilon"])), None)
     for row in result["rows"]:
         row["perplexity_cost"] = (row["heldout_perplexity"] / inf_row["heldout_perplexity"] - 1) if inf_row else None
     accountant_check = RDPAccountant(conversion="classic")
     accountant_check.step(1.12, 256 / 60000, 60 * 60000 // 256)
-    return {"experiment": "dp", "config": asdict(config), "delta": experiment.delta,
-            "sample_rate": config.clients_per_round / config.num_clients, "secagg_threshold": threshold,
-            "canary_client": data.canary_client, "canary_repeats": experiment.canary_repeats,
-            "members": experiment.eval_examples, **result,
+    return {"experiment": "dp", "experiment_settings": asdict(experiment), "config": asdict(config),
+            "delta": experiment.delta, "sample_rate": 1.0, "secagg_threshold": threshold,
+            "canary_client": data.canary_client, "canary_repeats": experiment.canary_repeats, **result,
+            "wall_s": time.perf_counter() - start,
             "accountant_check": {"setting": "TF Privacy MNIST: sigma 1.12, q 256/60000, 60 epochs, delta 1e-5",
                                  "published": 2.92, "ours": accountant_check.epsilon(1e-5)}}
-
-
-# ------------------------------------------------------------------ fedge privacy secagg-time
-
-
-def crypto_microbenchmark(vector_length: int, clients: int, dropout: float, repeats: int = 1) -> dict:
-    """The cryptography alone, in process: a secure round vs summing the same vectors in the clear."""
-    from fedge.protocol.secagg import SecAggConfig, run_in_process
-
-    rng = np.random.default_rng(0)
-    updates = {i + 1: rng.normal(0, 0.01, vector_length) for i in range(clients)}
-    dropped = list(range(1, int(round(dropout * clients)) + 1))
-    config = SecAggConfig(threshold=max(3, math.ceil(2 * clients / 3)), clip_range=1.0, max_clients=clients,
-                          vector_length=vector_length)
-    secure, plain = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = run_in_process(updates, config, drop_after_sharing=dropped)
-        secure.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        expected = np.sum([updates[c] for c in result.survivors], axis=0)
-        plain.append(time.perf_counter() - t0)
-    assert np.max(np.abs(result.total - expected)) < 1e-5  # the secure sum is the sum
-    return {"vector_length": vector_length, "clients": clients, "dropout": dropout, "dropped": len(dropped),
-            "secure_s_all_parties": min(secure), "secure_s_per_client_avg": min(secure) / clients,
-            "plain_sum_s": min(plain)}
-
-
-def _secagg_time_config(experiment: SecAggTimeExperiment) -> FederatedConfig:
-    from fedge.data import load_corpus
-
-    config = FederatedConfig(model=experiment.model, data="stdlib", partition=experiment.partition,
-                             num_clients=experiment.clients, clients_per_round=experiment.clients_per_round,
-                             rounds=experiment.rounds, method="ffa", rank=experiment.rank, steps=experiment.steps,
-                             batch_size=experiment.batch_size, seq_len=experiment.seq_len, eval_examples=1,
-                             seed=experiment.seed, noop_rounds=0)
-    corpus = load_corpus("stdlib", experiment.partition, num_clients=experiment.clients, seed=experiment.seed)
-    if len(corpus.clients) != config.num_clients:
-        n = len(corpus.clients)
-        config = replace(config, num_clients=n, clients_per_round=min(config.clients_per_round, n))
-    return config
-
-
-def run_secagg_time(experiment: SecAggTimeExperiment) -> dict:
-    from fedge.peft_methods.lora_model import AdaptedModel
-
-    config = _secagg_time_config(experiment)
-
-    def body(grid, nodes):
-        init = AdaptedModel(config.model, config.adapter_spec).get_state()
-        # warm-up: every actor loads its model and data once, outside the timed rounds
-        train_secure(grid, secure_settings(config, secure=False, population=None), config, nodes, init, 1)
-        rows = []
-        for dropout in experiment.dropouts:
-            for secure in (False, True):
-                settings = secure_settings(config, threshold=0.6, seed=experiment.seed, secure=secure,
-                                           simulate_dropout=dropout, population=None)
-                _, wrapped = train_secure(grid, settings, config, nodes, init, config.rounds)
-                times = [h.seconds for h in wrapped.history]
-                rows.append({"dropout": dropout, "secure": secure, "round_s": float(np.median(times)),
-                             "round_s_all": times, "survivors": [h.survivors for h in wrapped.history],
-                             "stage_s": [h.stage_seconds for h in wrapped.history]})
-        vector_length = sum(int(np.prod(a.shape)) for k, a in init.items() if config.method_spec.trains(k))
-        return {"rows": rows, "vector_length": vector_length}
-
-    result = _simulate(config, body)
-    for row in result["rows"]:
-        plain = next(r for r in result["rows"] if r["dropout"] == row["dropout"] and not r["secure"])
-        row["ratio_vs_plain"] = row["round_s"] / plain["round_s"]
-    crypto = [crypto_microbenchmark(experiment.crypto_vector_length, config.clients_per_round, d)
-              for d in experiment.dropouts]
-    return {"experiment": "secagg-time", "config": asdict(config), **result, "crypto": crypto}
 
 
 def write_report(report: dict, json_path: Path) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from fedge.cli import main
-from fedge.simulations.privacy import crypto_microbenchmark
 from fedge.simulations.privacy_attacks import roc_auc
+from fedge.simulations.privacy_secagg_time import crypto_microbenchmark
 
 
 def test_certs_create_cli(tmp_path, capsys):
