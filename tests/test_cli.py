@@ -18,7 +18,7 @@ GROUPS = {
     "models": ["list", "pull"],
     "data": ["stats"],
     "draft": ["build"],
-    "bench": ["speculative", "kernels", "draft-training", "serving-load"],
+    "bench": ["speculative", "kernels", "draft-training", "serving-load", "aggregation"],
     "certs": ["create"],
     "simulate": ["federated", "phones"],
     "cloud": ["serve"],
@@ -29,7 +29,8 @@ GROUPS = {
 TOP_LEVEL = [*GROUPS, "generate", "demo"]
 # Commands that write files and choose where by default (the others require --out).
 WRITES_BY_DEFAULT = {("bench", "speculative"), ("bench", "kernels"), ("bench", "draft-training"),
-                     ("bench", "serving-load"), ("simulate", "federated"), ("simulate", "phones"),
+                     ("bench", "serving-load"), ("bench", "aggregation"), ("simulate", "federated"),
+                     ("simulate", "phones"),
                      ("privacy", "dp"), ("privacy", "secagg-time"),
                      ("demo",)}
 OUTPUT_OPTIONS = ("out", "json")
