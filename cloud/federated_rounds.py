@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from fedge.cloud.checkpoints import load_resume_checkpoint, save_checkpoint
 from fedge.cloud.federated_config import FederatedConfig
 from fedge.cloud.secagg_server import SecureAggregationGrid
-from fedge.cloud.strategies import LoraFedAvg, build_strategy, finalize, sample_partitions, to_record
+from fedge.cloud.strategies import LoraFedAvg, build_strategy, down_record, finalize, sample_partitions, to_record
 from fedge.peft_methods.aggregation import StateDict
 
 log = logging.getLogger("fedge.federated")
@@ -149,7 +149,7 @@ def discover_partitions(grid: Grid, expected: int, timeout: float) -> dict[int, 
 def measure_overhead(grid: Grid, config: FederatedConfig, node_of_partition: dict[int, int],
                      state: StateDict) -> list[float]:
     """No-op rounds: the same messages and payloads as a training round, no work on the clients."""
-    record = to_record(state)
+    record = down_record(state, config.method_spec, config.seed)
     client_config = config.client_config()
     client_config["noop"] = True
     seconds = []
@@ -180,7 +180,7 @@ def federated_evaluate(grid: Grid, config: FederatedConfig, roster: Roster, stat
     pids = sorted(p for p, node in roster.node_of_partition.items() if node in alive)
     if 0 < config.eval_clients < len(pids):  # many clients: a fixed seeded sample
         pids = sorted(random.Random(f"fedge-eval:{config.seed}").sample(pids, config.eval_clients))
-    record, client_config = to_record(state), config.client_config()
+    record, client_config = down_record(state, config.method_spec, config.seed), config.client_config()
     messages = [Message(RecordDict({"arrays": record, "config": client_config}), message_type=MessageType.EVALUATE,
                         dst_node_id=roster.node_of_partition[p]) for p in pids]
     name_of = {roster.node_of_partition[p]: roster.names[p] for p in pids}

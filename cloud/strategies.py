@@ -39,6 +39,7 @@ from fedge.peft_methods.aggregation import (
     apply_aggregate,
     pad_rank,
     refactorize,
+    seeded_lora_A,
     truncate_rank,
     weighted_sum,
 )
@@ -54,6 +55,17 @@ def record_bytes(record: ArrayRecord) -> int:
 
 def to_record(state: StateDict) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
+
+
+def down_record(state: StateDict, method: MethodSpec, seed: int) -> ArrayRecord:
+    """What the server sends a client: the adapter less the factors it rebuilds from the seed (FFA-LoRA's
+    frozen A). Refuses a state whose frozen A is not the seeded one: the clients would train another adapter."""
+    kept = {k: v for k, v in state.items() if method.sends_down(k)}
+    for key in state.keys() - kept.keys():
+        if not torch.equal(state[key], seeded_lora_A(seed, key, tuple(state[key].shape), state[key].dtype)):
+            raise ValueError(f"{key} is not the seeded init its clients rebuild ({method.name} freezes it); "
+                             "start from AdaptedModel's own init")
+    return to_record(kept)
 
 
 def sample_partitions(seed: int, server_round: int, partitions: list[int], count: int) -> list[int]:
@@ -113,9 +125,9 @@ class LoraFedAvg(FedAvg):
         by_rank: dict[int, ArrayRecord] = {}
         for pid in pids:
             rank = self.method.rank_for(pid, self.global_rank)
-            if rank not in by_rank:
-                by_rank[rank] = arrays if rank == self.global_rank else to_record(
-                    truncate_rank(self.global_state, rank))
+            if rank not in by_rank:  # the adapter at this rank, less what the client rebuilds from the seed
+                state = self.global_state if rank == self.global_rank else truncate_rank(self.global_state, rank)
+                by_rank[rank] = down_record(state, self.method, self.seed)
             record = by_rank[rank]
             expected = {k: tuple(a.shape) for k, a in record.items() if self.method.trains(k)}
             node = self.node_of_partition[pid]

@@ -11,7 +11,8 @@ Message API, three handlers:
 
 - `query`: this node's partition id (or -1) and client name; the server orders its nodes by them once,
   so client sampling and seeds do not depend on Flower's random node ids (reproducible, resumable);
-- `train`: load the received global adapter (at this client's rank), train it on the local data,
+- `train`: load the received global adapter (at this client's rank; FFA-LoRA's frozen A does not
+  travel: it is rebuilt here from the run's seed, bit for bit the server's), train it on the local data,
   evaluate the personalised adapter on the local held-out text, and reply with the update of the
   tensors the method trains (`trained - received`, e.g. only lora_B for FFA-LoRA); with `noop` in the
   config it replies with a zero update of the right shape without touching the model (the per-round
@@ -127,6 +128,32 @@ def _heldout_loss(model_name: str, spec: AdapterSpec, state, rank: int | None, c
     return mean_token_loss(served.model, windows, pad_token_id(served.tokenizer)), sum(len(w) - 1 for w in windows)
 
 
+def _with_frozen(state, config: ConfigRecord, *models):
+    """The received adapter completed with the factors this client rebuilds from the seed (FFA-LoRA's A
+    never travels): shapes from the first of `models` (callables) that has every missing key (a
+    truncated draft lacks the layers it dropped; the target has them all)."""
+    from fedge.peft_methods.aggregation import LORA_A, LORA_B, with_seeded_A
+
+    missing = {k.replace(LORA_B, LORA_A) for k in state if LORA_B in k} - set(state)
+    if not missing:
+        return state
+    rank = int(next(v for k, v in state.items() if LORA_B in k).shape[1])
+    shapes: dict = {}
+    for model in models:
+        adapted = model()
+        adapted.use_rank(rank)
+        shapes.update({k: tuple(v.shape) for k, v in adapted.get_state(rank).items()})
+        if missing <= shapes.keys():
+            break
+    return with_seeded_A(state, shapes, int(config["seed"]))
+
+
+def _served(config: ConfigRecord):
+    from fedge.edge.training_model import served_model
+
+    return served_model(str(config["model"]), adapter_spec_from(config))
+
+
 # ------------------------------------------------------------- the ClientApp's handlers
 
 
@@ -156,7 +183,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     name, pid, client = local_data(context)
     adapted = _training_model(config)
-    state = received.to_torch_state_dict()
+    state = _with_frozen(received.to_torch_state_dict(), config, lambda: adapted, lambda: _served(config))
     rank = adapter_rank(state)
     adapted.set_state(state, rank)
     server_round, seed, sid = int(config["server-round"]), int(config["seed"]), _seed_id(name, pid)
@@ -181,7 +208,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content["config"]
     _threads(config)
     _, _, client = local_data(context)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = _with_frozen(msg.content["arrays"].to_torch_state_dict(), config, lambda: _served(config))
     loss = _heldout_loss(str(config["model"]), adapter_spec_from(config), state, None, client, config)
     metrics = {"eval-tokens": 0, "eval-loss": 0.0} if loss is None else {"eval-loss": loss[0], "eval-tokens": loss[1]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -249,3 +249,48 @@ def fedsvd_dense(client_states: Sequence[StateDict], weights: Sequence[float],
                            ).to(base[key].dtype)
     info.truncation_error = (lost_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
     return out, info
+
+
+# ---------------------------------------------------------------- the seeded A (FFA-LoRA's frozen factor)
+
+
+def _row_seed(seed: int, key: str, row: int) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"fedge-lora-A:{seed}:{key}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_lora_A(seed: int, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The shared init of the A factor with state-dict key `key`: peft's default distribution (Kaiming
+    uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), each row drawn from its own generator seeded by
+    (seed, key, row). It depends on nothing else (not the base model, its quantisation, the order
+    modules were created in, or the rank: rank r is the first r rows), so a client rebuilds exactly the
+    server's A, bit for bit, and FFA-LoRA never sends it."""
+    rank, fan_in = shape
+    bound = 1.0 / fan_in**0.5
+    rows = [torch.rand(fan_in, generator=torch.Generator().manual_seed(_row_seed(seed, key, i)),
+                       dtype=torch.float32) for i in range(rank)]
+    return ((torch.stack(rows) * 2 - 1) * bound).to(dtype)
+
+
+def seed_lora_A_parameters(model: torch.nn.Module, seed: int, adapter: str) -> None:
+    """Set every `lora_A` weight of `adapter` in a peft model to `seeded_lora_A` of its state-dict key."""
+    marker = f".lora_A.{adapter}."
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if marker in name:
+                key = name.replace(marker, LORA_A)
+                param.copy_(seeded_lora_A(seed, key, tuple(param.shape), param.dtype))
+
+
+def with_seeded_A(state: StateDict, shapes: dict[str, tuple[int, ...]], seed: int) -> StateDict:
+    """`state` with the A factor of every B it has and no A for rebuilt from the seed (`shapes`: A key
+    -> shape, e.g. from the model's own adapter); the A tensors it has are kept."""
+    out = dict(state)
+    for key in state:
+        if LORA_B in key and (a_key := key.replace(LORA_B, LORA_A)) not in out:
+            if a_key not in shapes:
+                raise AggregationError(f"no shape known for the frozen factor {a_key}")
+            out[a_key] = seeded_lora_A(seed, a_key, shapes[a_key])
+    return out

@@ -22,6 +22,11 @@ TRAINED_FACTORS: dict[str, tuple[str, ...]] = {
     "hetlora": ("lora_B", "lora_magnitude_vector"),
 }
 
+# Methods whose untrained factor never leaves its seeded init: clients rebuild it from the seed
+# (`aggregation.seeded_lora_A`), so it travels in neither direction. FedSVD and HetLoRA re-factorise
+# A every round (it must go down); FedAvg trains it.
+FROZEN_FROM_SEED = ("ffa",)
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -55,6 +60,11 @@ class MethodSpec:
     def trains(self, key: str) -> bool:
         """Whether a client trains (and sends) the tensor with this peft state-dict key."""
         return any(f".{factor}" in key for factor in TRAINED_FACTORS[self.name])
+
+    def sends_down(self, key: str) -> bool:
+        """Whether the server sends this tensor to clients: all of them, except a factor frozen at its
+        seeded init (FFA-LoRA's A), which every client rebuilds from the seed."""
+        return self.trains(key) or self.name not in FROZEN_FROM_SEED
 
     def rank_for(self, client_index: int, global_rank: int) -> int:
         if self.name != "hetlora":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedge.peft_methods.aggregation import StateDict
+from fedge.peft_methods.aggregation import StateDict, seed_lora_A_parameters
 from fedge.peft_methods.config import AdapterSpec, lora_config
 
 
@@ -47,6 +47,7 @@ class AdaptedModel:
         self.config_factory = config_factory
         torch.manual_seed(spec.init_seed)  # the shared seeded init of A, identical everywhere
         self.model = get_peft_model(base, config_factory(spec, None), adapter_name=adapter_name(spec.rank))
+        seed_lora_A_parameters(self.model, spec.init_seed, adapter_name(spec.rank))  # A: the seed alone decides
         self.ranks = {spec.rank}
         self.model.eval()
 
@@ -54,6 +55,7 @@ class AdaptedModel:
         if rank not in self.ranks:
             torch.manual_seed(self.spec.init_seed)
             self.model.add_adapter(adapter_name(rank), self.config_factory(self.spec, rank))
+            seed_lora_A_parameters(self.model, self.spec.init_seed, adapter_name(rank))
             self.ranks.add(rank)
         self.model.set_adapter(adapter_name(rank))
 
