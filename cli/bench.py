@@ -102,7 +102,7 @@ def _add_aggregation(bench: argparse._SubParsersAction) -> None:
     agg.add_argument("--seeds", default="0,1,2")
     agg.add_argument("--data", default="stdlib")
     agg.add_argument("--rounds", type=int, default=20)
-    agg.add_argument("--clients", type=int, default=8)
+    agg.add_argument("--clients", type=int, default=6)
     agg.add_argument("--clients-per-round", type=int, default=2)
     agg.add_argument("--steps", type=int, default=2, help="local steps per round")
     agg.add_argument("--batch-size", type=int, default=2)

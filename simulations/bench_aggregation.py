@@ -39,7 +39,7 @@ class AggregationBench:
     seeds: tuple[int, ...] = (0, 1, 2)
     data: str = "stdlib"
     rounds: int = 20
-    clients: int = 8
+    clients: int = 6
     clients_per_round: int = 2
     steps: int = 2
     batch_size: int = 2
@@ -150,9 +150,15 @@ def best_per_partition(rows: list[dict]) -> dict[str, str]:
     return {p: r["method"] for p, r in out.items()}
 
 
-def run(bench: AggregationBench, console) -> dict:
+def run(bench: AggregationBench, console, partial: Path | None = None) -> dict:
+    """The whole grid; with `partial`, the runs so far are written there after each simulation."""
     start = time.perf_counter()
-    runs = [r for p in bench.partitions for s in bench.seeds for r in run_partition_seed(bench, p, s, console)]
+    runs = []
+    for partition in bench.partitions:
+        for seed in bench.seeds:
+            runs += run_partition_seed(bench, partition, seed, console)
+            if partial is not None:
+                partial.write_text(json.dumps({"settings": asdict(bench), "runs": runs}, indent=1, default=str))
     rows = summarise(runs, bench)
     return {"benchmark": "aggregation", "settings": asdict(bench), "summary": rows,
             "best": best_per_partition(rows), "runs": runs, "wall_s": time.perf_counter() - start}
@@ -225,15 +231,16 @@ def main(args: argparse.Namespace) -> int:
             clients=args.clients, clients_per_round=args.clients_per_round, steps=args.steps,
             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, rank=args.rank,
             eval_examples=args.eval_examples, client_model=args.client_model)
-        report = run(bench, console)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = run(bench, console, partial=path.with_suffix(".partial.json"))
     except ValueError as exc:
         print(f"fedge: {exc}", file=sys.stderr)
         return 2
     console.print(table(report))
     console.print("best mean final perplexity: " + ", ".join(f"{p}: {m}" for p, m in report["best"].items()))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
     plot(report, path.with_suffix(".png"))
+    path.with_suffix(".partial.json").unlink(missing_ok=True)
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
