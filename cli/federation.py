@@ -1,4 +1,5 @@
-"""`fedge federation up`: a local Flower deployment (SuperLink + N SuperNodes on loopback) to try the device path.
+"""`fedge federation up`: a local Flower deployment (SuperLink + N SuperNodes on loopback) to try the device path;
+`fedge federation app`: the installed Flower app folder (`flwr run $(fedge federation app) <connection>`).
 
 The federation is fedge.simulations.local_federation.LocalFederation; this module only parses, prints
 the `flwr run` line and stops every process on Ctrl-C.
@@ -25,7 +26,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--port", type=int, default=0, help="the SuperLink's port (default: a free one)")
     up.add_argument("--insecure", action="store_true", help="no TLS on the SuperLink (not for real devices)")
     up.add_argument("--no-auth", action="store_true", help="no SuperNode authentication")
+    up.add_argument("--cold", action="store_true", help="Flower's own SuperExec (a fresh interpreter per message) "
+                                                        "instead of fedge's warm fork SuperExec")
     up.set_defaults(func=_up)
+    app = sub.add_parser("app", help="where the installed Flower app folder is (for `flwr run`), or copy it")
+    app.add_argument("--out", default="", help="copy the app folder here (to edit its default options)")
+    app.set_defaults(func=_app)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from fedge.simulations.local_federation import APP_DIR, write_app
+
+    print(write_app(args.out) if args.out else APP_DIR)
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -33,7 +46,7 @@ def _up(args: argparse.Namespace) -> int:
 
     spec = FederationSpec(workdir=args.workdir, devices=args.devices, data=args.data, partition=args.partition,
                           device_data=[d for d in args.device_data.split(",") if d], port=args.port,
-                          tls=not args.insecure, auth=not args.no_auth)
+                          tls=not args.insecure, auth=not args.no_auth, warm=not args.cold)
     federation = LocalFederation(spec)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
     try:

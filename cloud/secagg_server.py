@@ -13,6 +13,9 @@ train aggregation is a weighted mean then computes exactly the mean of the survi
 Evaluation and query messages pass through, and so do train messages that `passthrough` selects
 (by default those whose config says `noop`).
 
+A device that never answers a stage is dropped at its timeout (after key sharing, its mask is
+recovered by unmasking); a round left below the threshold is void and the run goes on.
+
 Client weights are uniform under secure aggregation (each client contributes its update once):
 weighting by example counts would need the counts in the clear and changes DP's sensitivity.
 
@@ -27,6 +30,7 @@ server picks the clients, the accountant takes no credit for subsampling (`DPCon
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -183,6 +187,11 @@ class SecureAggregationGrid:
         self._uncharged, self._charged = sample_rate, None
         try:
             aggregate = round_fn(messages, timeout)
+        except SecAggError as exc:  # too few devices left for the threshold: this round is void, the run goes on
+            logging.getLogger("fedge.federated").warning("secure aggregation round aborted: %s", exc)
+            nodes, stats = [m.metadata.dst_node_id for m in messages], RoundStats(self._round, len(messages), 0,
+                                                                                   len(messages), 0.0)
+            aggregate = Aggregate({}, 0.0, [], nodes, 0, stats)
         finally:
             self._uncharged = None  # a round that failed before release is not charged
         aggregate.stats.seconds = time.perf_counter() - start

@@ -4,10 +4,15 @@
 simulate federated` (Flower's simulation engine) run this same app. It reads the run's options from
 `context.run_config` (`fedge.<option>` keys, see `fedge.cloud.federated_config.to_run_config`), waits
 for `min-nodes` devices, and drives the one round loop (`FederatedRun` -> `run_rounds`). It never
-needs client data: devices evaluate the global adapter on their own held-out text.
+needs client data: devices evaluate the global adapter on their own held-out text. Every exchange
+goes through `ReplyGuardGrid` (a deadline, prompt polling, a dead device's error attributed to it,
+stale updates refused), so a device that dies mid-round is a dropped client, not a failed run.
+A killed ServerApp or SuperLink is resumed with `fedge.resume = true` and the same
+`fedge.checkpoint-dir`: the run continues after the last checkpointed round.
 
-With `fedge.secagg = true` training rounds run under secure aggregation (`SecureAggregationGrid`; the
-devices' app carries `secagg_mod`). With `fedge.publish-registry` and `fedge.publish-signing-key` set,
+With `fedge.secagg = true` training rounds run under secure aggregation, and with `fedge.dp-epsilon`
+under client-level DP (`privacy_grid_wrapper`, as in the simulation; the devices' app carries
+`secagg_mod` and `dp_mod`). With `fedge.publish-registry` and `fedge.publish-signing-key` set,
 each accepted round's adapter (or the final one) is published, signed, into the registry that
 `fedge cloud serve --adapters` serves (`fedge.cloud.adapter_publisher.publish_version`).
 
@@ -29,7 +34,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.cloud.federated_config import FederatedConfig, from_run_config
-from fedge.cloud.federated_rounds import FederatedRun, ServerModel
+from fedge.cloud.federated_rounds import FederatedRun, ServerModel, privacy_grid_wrapper
+from fedge.cloud.reply_guard import ReplyGuardGrid
 from fedge.peft_methods.aggregation import StateDict
 
 log = logging.getLogger("fedge.federated")
@@ -55,23 +61,6 @@ def set_simulation_hooks(hooks: SimulationHooks | None) -> None:
         _HOOKS.append(hooks)
 
 
-def secure_grid_wrapper(config: FederatedConfig) -> Callable[[Grid], Grid]:
-    """Train rounds under secure aggregation of what clients send (the method's trained tensors)."""
-    from fedge.cloud.secagg_server import SecureAggregationGrid, SecureAggregationSettings
-    from fedge.protocol.secagg import VectorLayout
-    from fedge.protocol.secagg_records import UPDATE_DIRECT
-
-    trains = config.method_spec.trains
-
-    def layout(messages) -> VectorLayout:
-        record = next(iter(messages[0].content.array_records.values()))
-        return VectorLayout(tuple((k, tuple(a.shape), "float32") for k, a in sorted(record.items()) if trains(k)))
-
-    settings = SecureAggregationSettings(threshold=config.secagg_threshold, update_mode=UPDATE_DIRECT,
-                                         layout=layout, seed=config.seed)
-    return lambda grid: SecureAggregationGrid(grid, settings)
-
-
 class Publisher:
     """Publishes an adapter, signed, as a new version of the serving registry."""
 
@@ -93,10 +82,10 @@ class Publisher:
 
 
 def build_run(config: FederatedConfig, hooks: SimulationHooks | None = None) -> FederatedRun:
-    """The run this app executes: secure aggregation and publishing as the config says."""
+    """The run this app executes: secure aggregation, DP and publishing as the config says."""
     wrapper = hooks.grid_wrapper if hooks is not None else None
-    if wrapper is None and config.secagg:
-        wrapper = secure_grid_wrapper(config)
+    if wrapper is None:
+        wrapper = privacy_grid_wrapper(config)
     publish = Publisher(config) if config.publish_registry else None
     return FederatedRun(config, on_round=hooks.on_round if hooks else _log_round, grid_wrapper=wrapper,
                         publish=publish)
@@ -118,8 +107,8 @@ def main(grid: Grid, context: Context) -> None:
     run = build_run(config, hooks)
     if hooks is not None:
         hooks.run = run
-    try:
-        run.execute(grid)
+    try:  # a deadline and checks on every exchange; devices that die are dropped, not waited for
+        run.execute(ReplyGuardGrid(grid, config.pull_interval))
     except BaseException as exc:  # run_simulation only logs errors; keep it for the caller
         if hooks is not None:
             hooks.errors.append(exc)

@@ -25,6 +25,17 @@ APP_DIR = Path(__file__).resolve().parent / "flower_app"
 CONNECTION = "fedge-local"
 
 
+def write_app(out: str | Path, clientapp: str = "") -> Path:
+    """A copy of the Flower app folder in `out` (its pyproject.toml; `clientapp` swaps the devices' app)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (APP_DIR / "pyproject.toml").read_text()
+    if clientapp:
+        text = text.replace('clientapp = "fedge.edge.federated_client:app"', f'clientapp = "{clientapp}"')
+    (out / "pyproject.toml").write_text(text)
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -42,6 +53,7 @@ class FederationSpec:
     port: int = 0  # the SuperLink's (0: a free one)
     tls: bool = True
     auth: bool = True
+    warm: bool = True  # ClientApp processes forked warm (fedge.edge.warm_superexec), not fresh interpreters
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,7 +96,9 @@ class LocalFederation:
         self.certs = None
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.executors: dict[str, subprocess.Popen] = {}  # warm SuperExecs, one per SuperNode
         self.data: dict[str, str] = {}
+        self.node_ids: dict[str, int] = {}
         self._helpers: set[int] = set()
 
     # ------------------------------------------------------------------ processes
@@ -92,7 +106,9 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. beside this interpreter
-        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        # SuperExec (on the SuperLink and each SuperNode) looks for work every second by default
+        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")}
 
     def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
         log = (self.workdir / "logs" / log_name).open("ab")
@@ -105,7 +121,7 @@ class LocalFederation:
         from fedge.protocol.tls import create_certificates
 
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.certs = create_certificates(self.workdir / "certs", devices=[*self.device_ids(), "unregistered"],
+        self.certs = create_certificates(self.workdir / "certs", devices=[*self.device_ids(), "spare", "unregistered"],
                                          hosts=[self.spec.host, "localhost"])
         self._write_connection()
         self.start_superlink()
@@ -130,28 +146,57 @@ class LocalFederation:
         self.superlink = self._spawn(cmd, "superlink.log")
         self._flwr_json(["supernode", "ls"], timeout=120)  # up once it answers
 
-    def node_command(self, device_id: str, data: str) -> list[str]:
+    def node_command(self, device_id: str, data: str, port: int) -> list[str]:
+        """The SuperNode's command line; `port` is its Runtime API's (where its SuperExec connects)."""
         spec = self.spec
         cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", self.address,
-               "--port", str(free_port(spec.host)), "--node-config", f'data="{data}" client="{device_id}"']
+               "--port", str(port), "--node-config", f'data="{data}" client="{device_id}"']
         cmd += ["--root-certificates", str(self.certs.ca_cert)] if spec.tls else ["--insecure"]
         if spec.auth:
             cmd += ["--auth-supernode-private-key", str(self.certs.supernode_key(device_id))]
+        if spec.warm:  # the node's SuperExec is ours (fedge.edge.warm_superexec), started beside it
+            cmd += ["--isolation", "process"]
         return cmd
 
     def start_node(self, device_id: str, data: str | None = None, max_retries: int | None = None) -> subprocess.Popen:
-        cmd = self.node_command(device_id, data or self.data[device_id])
+        port = free_port(self.spec.host)
+        cmd = self.node_command(device_id, data or self.data[device_id], port)
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
-        self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
-        return self.nodes[device_id]
+        node = self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
+        if self.spec.warm:
+            self.executors[device_id] = self._spawn(
+                [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{self.spec.host}:{port}",
+                 "--insecure", "--parent-pid", str(node.pid)], f"{device_id}.log")
+        return node
 
     def register(self, device_id: str) -> int:
         out = self._flwr_json(["supernode", "register", str(self.certs.supernode_public_key(device_id))], timeout=60)
-        return int(out["node-id"])
+        self.node_ids[device_id] = int(out["node-id"])
+        return self.node_ids[device_id]
+
+    def node_status(self) -> dict[int, str]:
+        """node id -> "online", "offline", ... as the SuperLink sees them."""
+        return {int(n["node-id"]): str(n["status"]) for n in self._flwr_json(["supernode", "ls"], timeout=60)["nodes"]}
+
+    def wait_node_status(self, device_id: str, status: str, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while self.node_status().get(self.node_ids[device_id]) != status:
+            if time.time() > deadline:
+                raise TimeoutError(f"{device_id} not {status} after {timeout:g} s")
+            time.sleep(1.0)
 
     def kill_node(self, device_id: str, sig: int = signal.SIGKILL) -> None:
+        """The SuperNode and its SuperExec, with the ClientApp processes they started."""
+        if device_id in self.executors:
+            self._kill_tree(self.executors.pop(device_id), sig)
         self._kill_tree(self.nodes.pop(device_id), sig)
+
+    def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the SuperLink (with the ServerApp it runs) and start it again on the same port and
+        database: registrations persist and the SuperNodes reconnect by themselves."""
+        self._kill_tree(self.superlink, sig)
+        self.start_superlink()
 
     def stop(self) -> None:
         for device_id in list(self.nodes):
@@ -233,6 +278,13 @@ class LocalFederation:
     def run_status(self, run_id: int) -> str:
         out = self._flwr_json(["ls", "--run-id", str(run_id)], timeout=60)
         return str(out["runs"][0]["status"])
+
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp log, as `flwr log --show` prints it (for failure messages)."""
+        flwr = str(Path(sys.executable).parent / "flwr")
+        done = subprocess.run([flwr, "log", str(run_id), CONNECTION, "--show"], env=self.env, capture_output=True,
+                              text=True, timeout=120)
+        return done.stdout + done.stderr
 
     def wait_run(self, run_id: int, timeout: float) -> str:
         """Poll until the run is finished (its status, e.g. "finished:completed")."""

@@ -61,6 +61,7 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
     for name in SOURCE_FOLDERS:
         assert f"fedge/{name}/__init__.py" in names, f"fedge.{name} is missing from the wheel"
     assert "fedge/protocol/fedge.proto" in names
+    assert "fedge/simulations/flower_app/pyproject.toml" in names  # `flwr run` needs the app folder
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=ENV_AT_COLLECTION)
     py = venv / "bin" / "python"
@@ -74,6 +75,8 @@ def test_wheel_installs_under_fedge_namespace_beside_hf_kernels(tmp_path):
     check = (
         "import kernels, fedge.kernels.verify, fedge.protocol.fedge_pb2_grpc, fedge.edge.draft;"
         "from pathlib import Path;"
+        "from fedge.simulations.local_federation import APP_DIR;"
+        "assert 'fedge.cloud.server_app:app' in (APP_DIR / 'pyproject.toml').read_text(), APP_DIR;"
         f"site = Path({str(site)!r});"
         "assert Path(kernels.__file__).parent == site / 'kernels', kernels.__file__;"
         "assert Path(fedge.kernels.verify.__file__).parent == site / 'fedge' / 'kernels';"
