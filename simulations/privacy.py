@@ -81,45 +81,26 @@ def secure_mods() -> list:
     return [secagg_mod, dp_mod]
 
 
-def trained_layout(method_spec):
-    """The layout of what clients send (the method's trained tensors), from the train message."""
-    from fedge.protocol.secagg import VectorLayout
+def secure_grid_wrapper(config: FederatedConfig):
+    """A `grid_wrapper` for `run_federated`: train rounds under secure aggregation (+ the config's DP)."""
+    from fedge.cloud.federated_rounds import privacy_grid_wrapper
 
-    def layout(messages) -> VectorLayout:
-        record = next(iter(messages[0].content.array_records.values()))
-        return VectorLayout(tuple((k, tuple(a.shape), "float32") for k, a in sorted(record.items())
-                                  if method_spec.trains(k)))
-
-    return layout
+    return privacy_grid_wrapper(replace(config, secagg=True))
 
 
-def secure_settings(config: FederatedConfig, dp=None, threshold: float = 0.6, seed: int = 0, **overrides):
-    """Secure aggregation (+ DP if given) of what clients send directly (FFA/FedSVD: B only), so the
-    masked sum is exactly the sum the strategy would have computed in the clear."""
-    from fedge.cloud.secagg_server import SecureAggregationSettings
-    from fedge.protocol.secagg_records import UPDATE_DIRECT
-
-    return SecureAggregationSettings(**{"threshold": threshold, "update_mode": UPDATE_DIRECT,
-                                        "layout": trained_layout(config.method_spec), "dp": dp,
-                                        "population": config.num_clients, "seed": seed, **overrides})
-
-
-def secure_grid_wrapper(config: FederatedConfig, dp=None, threshold: float = 0.6, seed: int = 0):
-    """A `grid_wrapper` for `run_federated`: train rounds under secure aggregation (+ DP if given)."""
-    from fedge.cloud.secagg_server import SecureAggregationGrid
-
-    settings = secure_settings(config, dp, threshold, seed)
-    return lambda grid: SecureAggregationGrid(grid, settings)
-
-
-def train_secure(grid, settings, config: FederatedConfig, node_of_partition: dict[int, int], init, rounds: int,
-                 after_round=None):
-    """A fresh strategy trained from `init` for `rounds` rounds through a secure grid; (state, the grid)."""
+def train_secure(grid, config: FederatedConfig, node_of_partition: dict[int, int], init, rounds: int,
+                 after_round=None, **overrides):
+    """A fresh strategy trained from `init` for `rounds` rounds through the run's secure grid
+    (`fedge.cloud.federated_rounds.privacy_grid_wrapper`: secure aggregation and the config's DP),
+    with experiment-only `overrides` of its settings (`secure=False`, `simulate_dropout`); returns
+    (state, the secure grid)."""
     from fedge.cloud.federated_rounds import run_rounds
     from fedge.cloud.secagg_server import SecureAggregationGrid
     from fedge.cloud.strategies import build_strategy
 
-    secure = SecureAggregationGrid(grid, settings)
+    secure = secure_grid_wrapper(config)(grid)
+    if overrides:
+        secure = SecureAggregationGrid(grid, replace(secure.settings, **overrides))
     state = run_rounds(secure, build_strategy(config, node_of_partition), config, init, 1, rounds, after_round)
     return state, secure
 
@@ -206,24 +187,18 @@ class _Attacks:
         return exposure(self.evaluator.model, self.tok, self.data.canary, self.data.candidates, self.pad_id)
 
 
-def _dp_settings(experiment: DPExperiment, eps: float, config: FederatedConfig, threshold: int):
-    """The secure-aggregation settings of one epsilon: no DP at inf, else distributed noise shares
-    from at least `threshold` clients, sigma calibrated (at q = 1) to spend `eps` over the rounds."""
-    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
-
-    dp = None
-    if not math.isinf(eps):
-        sigma = calibrate_noise_multiplier(eps, experiment.delta, 1.0, config.rounds)
-        dp = DPConfig(clip_norm=experiment.clip, noise_multiplier=sigma, delta=experiment.delta, max_epsilon=eps,
-                      min_clients=threshold)
-    return secure_settings(config, dp, threshold, experiment.seed)
+def _dp_run_config(experiment: DPExperiment, eps: float, config: FederatedConfig) -> FederatedConfig:
+    """The run config of one epsilon: secure aggregation, and DP unless eps is inf (then no clipping,
+    no noise); `FederatedConfig.dp_config` calibrates sigma (q = 1) to spend eps over the rounds, the
+    noise coming in shares from at least the secure-aggregation threshold's clients."""
+    return replace(config, secagg=True, dp_epsilon=0.0 if math.isinf(eps) else eps, dp_clip=experiment.clip,
+                   dp_delta=experiment.delta)
 
 
 def _dp_row(experiment: DPExperiment, eps: float, grid, config: FederatedConfig, nodes: dict[int, int],
-            attacks: _Attacks, threshold: int) -> dict:
+            attacks: _Attacks) -> dict:
     """Train under DP calibrated to `eps` (inf: no DP) with secure aggregation, then attack the adapter."""
     start = time.perf_counter()
-    settings = _dp_settings(experiment, eps, config, threshold)
     norms, previous = [], [attacks.init]
 
     def after_round(server_round, state, truncation, metrics) -> None:
@@ -231,8 +206,9 @@ def _dp_row(experiment: DPExperiment, eps: float, grid, config: FederatedConfig,
         previous[0] = state
         log.warning("epsilon %s: round %d/%d done", eps, server_round, config.rounds)
 
-    state, secure = train_secure(grid, settings, config, nodes, attacks.init, config.rounds, after_round)
-    dp = settings.dp
+    state, secure = train_secure(grid, _dp_run_config(experiment, eps, config), nodes, attacks.init, config.rounds,
+                                 after_round)
+    dp = secure.settings.dp
     row = {"epsilon": eps, "noise_multiplier": dp.noise_multiplier if dp else 0.0,
            "clip_norm": dp.clip_norm if dp else None, "rounds_run": len(secure.history),
            "epsilon_spent": secure.privacy_log[-1].epsilon if secure.privacy_log else (0.0 if dp else math.inf),
@@ -252,13 +228,13 @@ def run_dp_experiment(experiment: DPExperiment) -> dict:
     config, corpus = _dp_config(experiment, data)
     from fedge.cloud.secagg_server import SecureAggregationSettings
 
-    threshold = SecureAggregationSettings(threshold=0.6).threshold_for(config.clients_per_round)
+    threshold = SecureAggregationSettings(threshold=config.secagg_threshold).threshold_for(config.clients_per_round)
 
     def body(grid, nodes):
         attacks = _Attacks(config, corpus, data)
         init = {"heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
                 **{f"canary_{k}": v for k, v in attacks.canary(attacks.init).items()}}
-        rows = [_dp_row(experiment, eps, grid, config, nodes, attacks, threshold) for eps in experiment.epsilons]
+        rows = [_dp_row(experiment, eps, grid, config, nodes, attacks) for eps in experiment.epsilons]
         return {"rows": rows, "init": init, "members": len(attacks.members), "nonmembers": len(attacks.nonmembers),
                 "canary_copies_trained": attacks.canary_copies}
 

@@ -107,10 +107,10 @@ def print_time(report: dict) -> None:
                         f"round, {report['vector_length']} values per update, "
                         f"{report['experiment_settings']['repeats']} runs each)")
     for col in ("dropout", "mode", "round s median", "min-max", "ratio (median)", "ratio per run min-max",
-                "survivors", "stages s (median)"):
+                "survivors", "adv/share/mask/cons/unmask s"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_s_median"].items()) if r["secure"] else ""
+        stages = "/".join(f"{v:.2f}" for v in r["stage_s_median"].values()) if r["secure"] else ""
         table.add_row(f"{r['dropout']:.0%}", "secure" if r["secure"] else "plain", f"{r['round_s']:.2f}",
                       f"{r['round_s_min']:.2f}-{r['round_s_max']:.2f}", f"{r['ratio_vs_plain']:.2f}x",
                       f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x", ",".join(map(str, r["survivors"])), stages)

@@ -20,7 +20,7 @@ import numpy as np
 
 from fedge.cloud.federated_config import FederatedConfig
 from fedge.models import DEFAULT_MODEL
-from fedge.simulations.privacy import secure_settings, simulate_private, train_secure
+from fedge.simulations.privacy import simulate_private, train_secure
 
 log = logging.getLogger("fedge.privacy")
 
@@ -81,10 +81,8 @@ def _config(experiment: SecAggTimeExperiment) -> FederatedConfig:
     return config
 
 
-def _one_round(grid, config: FederatedConfig, nodes, init, dropout: float, secure: bool, seed: int):
-    settings = secure_settings(config, threshold=0.6, seed=seed, secure=secure, simulate_dropout=dropout,
-                               population=None)
-    _, wrapped = train_secure(grid, settings, config, nodes, init, 1)
+def _one_round(grid, config: FederatedConfig, nodes, init, dropout: float, secure: bool):
+    _, wrapped = train_secure(grid, config, nodes, init, 1, secure=secure, simulate_dropout=dropout)
     return wrapped.history[-1]
 
 
@@ -107,14 +105,13 @@ def run_secagg_time(experiment: SecAggTimeExperiment) -> dict:
     def body(grid, nodes):
         init = AdaptedModel(config.model, config.adapter_spec).get_state()
         for secure in (False, True):  # warm-up: actors load the model and data; crypto code paths run once
-            _one_round(grid, config, nodes, init, 0.0, secure, experiment.seed)
+            _one_round(grid, config, nodes, init, 0.0, secure)
         stats = {(d, s): [] for d in experiment.dropouts for s in (False, True)}
         done = 0
         for repeat in range(experiment.repeats):
             for dropout in experiment.dropouts:
                 for secure in ((False, True) if repeat % 2 == 0 else (True, False)):
-                    stats[dropout, secure].append(_one_round(grid, config, nodes, init, dropout, secure,
-                                                             experiment.seed + repeat))
+                    stats[dropout, secure].append(_one_round(grid, config, nodes, init, dropout, secure))
                     done += 1
                     log.warning("secagg-time: %d/%d runs (dropout %.0f%%, %s)", done, total, 100 * dropout,
                                 "secure" if secure else "plain")
