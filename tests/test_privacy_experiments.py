@@ -56,7 +56,7 @@ def test_privacy_dp_cli_tiny(tmp_path):
     inf, dp = report["rows"]
     assert inf["epsilon"] == "inf" or math.isinf(float(inf["epsilon"]))
     assert inf["noise_multiplier"] == 0 and inf["clip_norm"] is None
-    assert 0 < dp["epsilon_spent"] <= 2 and dp["noise_multiplier"] > 1 and dp["clip_norm"] == 0.5
+    assert 0 < dp["epsilon_spent"] <= 2 and dp["noise_multiplier"] > 1 and dp["clip_norm"] == 0.01
     assert all(r["rounds_run"] == 1 and r["survivors"] == [3] for r in report["rows"])
     assert report["members"] > 0 and report["nonmembers"] > 0 and report["canary_copies_trained"] >= 1
     for r in report["rows"]:
