@@ -104,7 +104,7 @@ def _add_aggregation(bench: argparse._SubParsersAction) -> None:
     agg.add_argument("--rounds", type=int, default=20)
     agg.add_argument("--clients", type=int, default=6)
     agg.add_argument("--clients-per-round", type=int, default=2)
-    agg.add_argument("--steps", type=int, default=2, help="local steps per round")
+    agg.add_argument("--steps", type=int, default=1, help="local steps per round")
     agg.add_argument("--batch-size", type=int, default=2)
     agg.add_argument("--seq-len", type=int, default=32)
     agg.add_argument("--lr", type=float, default=3e-3)

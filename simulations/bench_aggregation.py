@@ -41,7 +41,7 @@ class AggregationBench:
     rounds: int = 20
     clients: int = 6
     clients_per_round: int = 2
-    steps: int = 2
+    steps: int = 1
     batch_size: int = 2
     seq_len: int = 32
     lr: float = 3e-3
