@@ -131,7 +131,7 @@ def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_
     config = run_config(tmp_path, **{"fedge.rounds": 2, "fedge.secagg": True, "fedge.num-clients": 4,
                                      "fedge.min-nodes": 4, "fedge.clients-per-round": 4, "fedge.round-timeout": 60.0})
     log = federation.workdir / "logs" / "device-2.log"
-    seen = log.read_text().count("Receiving: train")
+    seen, sessions = log.read_text().count("Receiving: train"), log.read_text().count("SuperNode ID")
     try:
         run_id = federation.submit(config)
         # advertise keys, share keys, then the masking stage's train message: kill while it trains
@@ -142,7 +142,7 @@ def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_
     finally:
         federation.kill_node("spare", signal.SIGTERM)
         federation.wait_node_status("spare", "offline", 120)
-        federation.wait_node_status("device-2", "online", 240)  # back for the next tests
+        _wait_for(log, "SuperNode ID", sessions + 1, 240)  # the new session is in: back for the next tests
     one, two = records(tmp_path)[1:]
     assert sorted(one["accepted"]) == ["device-0", "device-1", "spare"]
     assert [r["client"] for r in one["rejected"]] == ["device-2"]
