@@ -66,6 +66,9 @@ def _add_draft_training(bench: argparse._SubParsersAction) -> None:
     draft.add_argument("--prompts", type=int, default=4, help="prompts per dataset for acceptance")
     draft.add_argument("--max-new-tokens", type=int, default=48)
     draft.add_argument("--threads", type=int, default=2, help="torch threads of each training client")
+    draft.add_argument("--loss-chunk-tokens", type=int, default=128, help="tokens per chunk of the head + loss")
+    draft.add_argument("--no-gradient-checkpointing", action="store_true",
+                       help="keep every layer's activations (both sides; faster, more memory)")
     draft.add_argument("--seed", type=int, default=0)
     draft.add_argument("--quick", action="store_true", help="6 steps, short windows, 2 prompts")
     draft.add_argument("--json", default=default_output("bench-draft-training", "bench-draft-training.json"))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedge.peft_methods.chunked_loss import causal_lm_loss, set_gradient_checkpointing
 from fedge.peft_methods.lora_model import AdaptedModel, adapter_name, collate, pad_token_id, sample_windows
 
 
@@ -17,6 +18,10 @@ class LocalTrainConfig:
     seq_len: int = 128
     lr: float = 3e-3
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 keeps local drift in check
+    # memory (fedge.peft_methods.chunked_loss): the head runs on this many tokens at a time, and
+    # decoder layers are recomputed in the backward when checkpointing is on (~1 more forward per step)
+    loss_chunk_tokens: int = 256
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -53,12 +58,13 @@ def train_local(adapted: AdaptedModel, examples: Sequence, rank: int, trains: Ca
     windows = sample_windows(examples, adapted.tokenizer, config.steps * config.batch_size, config.seq_len, seed)
     pad_id = pad_token_id(adapted.tokenizer)
     model = adapted.model
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     model.train()
     losses, tokens = [], 0
     for step in range(config.steps):
         batch = windows[step * config.batch_size:(step + 1) * config.batch_size]
         ids, mask, labels = collate(batch, pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = causal_lm_loss(model, ids, mask, labels, config.loss_chunk_tokens)
         if anchors is not None:
             loss = loss + config.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors,
                                                                                             strict=True))

@@ -18,10 +18,17 @@ atomic rename, so concurrent clients on one machine neither race nor build it tw
 
 Evaluation stays on the target as served: `served_model` gives the fp32 target with the same
 adapter layout (the same object when the client trains the target).
+
+Memory: a training step allocates and frees buffers of a few MB to ~50 MB (a chunk of logits, a
+layer's rebuilt weight). glibc raises its mmap threshold to the largest freed block (up to 32 MB), after
+which such buffers come from the heap and are never given back, so a client's resident memory grows
+by hundreds of MB over the first steps. `release_freed_buffers` pins the threshold at 1 MB, once per
+process, for every training client (draft or target alike).
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,11 +61,24 @@ def load_training_model(model_name: str, spec: AdapterSpec, client_model: str = 
     else:
         key = (model_name, spec, "draft", quant, keep_layers, str(draft_dir) if draft_dir else None)
     if key not in _CACHE:
+        release_freed_buffers()
         if len(_CACHE) >= _MAX_CACHED:
             _CACHE.pop(next(iter(_CACHE)))  # the oldest: a process trains one model at a time
         _CACHE[key] = (AdaptedModel(model_name, spec) if client_model == "target"
                        else _adapted_draft(model_name, spec, quant, keep_layers, draft_dir))
     return _CACHE[key]
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def release_freed_buffers(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve allocations above `threshold_bytes` by mmap, so freeing them returns the memory (glibc only)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to pin
+        return False
 
 
 def served_model(model_name: str, spec: AdapterSpec) -> AdaptedModel:

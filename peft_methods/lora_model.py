@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fedge.peft_methods.aggregation import StateDict, seed_lora_A_parameters
+from fedge.peft_methods.chunked_loss import token_loss_sum
 from fedge.peft_methods.config import AdapterSpec, lora_config
 
 
@@ -153,12 +154,9 @@ def mean_token_loss(model, windows: Sequence[Sequence[int]], pad_id: int, batch_
     total, tokens = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids, mask, labels = collate(windows[i:i + batch_size], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += float(loss)
-        tokens += int((target != -100).sum())
+        loss_sum, count = token_loss_sum(model, ids, mask, labels)
+        total += float(loss_sum)
+        tokens += count
     return total / max(tokens, 1)
 
 

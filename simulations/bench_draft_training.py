@@ -5,7 +5,8 @@ Same data, steps, seeds and adapter init on every side; each training client run
 (`ru_maxrss`) is that of a phone-like client holding only the model it trains (its training text is
 split here and handed over as JSON lines, so the client imports no dataset library). The table also
 shows the peak above the process's footprint before the model loads (torch, transformers, peft:
-what any Python client pays). Then, in this process:
+what any Python client pays). Both sides train with the same memory options: the head and loss on
+chunks of tokens, and gradient checkpointing unless `--no-gradient-checkpointing`. Then, in this process:
 
 - utility: held-out loss of the fp32 target with each adapter (the cloud serves the target), as the
   share of the target-trained adapter's loss reduction the draft-trained one keeps;
@@ -57,6 +58,8 @@ class TrainJob:
     lr: float = 3e-3
     seed: int = 0
     threads: int = 2
+    gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 128
 
     @property
     def spec(self) -> AdapterSpec:
@@ -118,7 +121,9 @@ def train_job(job: TrainJob) -> TrainOutcome:
         outcome.losses.append(loss)
 
     torch.manual_seed(job.seed)
-    config = LocalTrainConfig(steps=job.steps, batch_size=job.batch_size, seq_len=job.seq_len, lr=job.lr)
+    config = LocalTrainConfig(steps=job.steps, batch_size=job.batch_size, seq_len=job.seq_len, lr=job.lr,
+                              loss_chunk_tokens=job.loss_chunk_tokens,
+                              gradient_checkpointing=job.gradient_checkpointing)
     train_local(adapted, train, job.rank, MethodSpec(job.method).trains, config, seed=(job.seed, job.dataset),
                 progress=progress)
     outcome.step_s = [b - a for a, b in zip(marks, marks[1:], strict=False)]
@@ -224,7 +229,8 @@ def run(args: argparse.Namespace, console) -> dict:
                                out=str(workdir / f"{variant}-{dataset}.pt"), quant=args.quant, keep_layers=keep,
                                rank=args.rank, targets=args.targets, method=args.method, steps=args.steps,
                                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                               threads=args.threads)
+                               threads=args.threads, gradient_checkpointing=not args.no_gradient_checkpointing,
+                               loss_chunk_tokens=args.loss_chunk_tokens)
                 outcomes[variant] = run_in_subprocess(job, workdir)
                 states[variant] = torch.load(job.out)
             losses = heldout_losses(args.model, job.spec, heldout, states, args.eval_examples, args.seq_len)
