@@ -11,10 +11,7 @@ same round and hands back one reply per surviving client holding the new global 
 mean update) with "num-examples" = 1, and an error reply per dropped client: any strategy whose
 train aggregation is a weighted mean then computes exactly the mean of the survivors' updates.
 Evaluation and query messages pass through, and so do train messages that `passthrough` selects
-(by default those whose config says `noop`).
-
-A device that never answers a stage is dropped at its timeout (after key sharing, its mask is
-recovered by unmasking); a round left below the threshold is void and the run goes on.
+(by default those whose config says `noop`). A device that never answers a stage is dropped at its timeout.
 
 Client weights are uniform under secure aggregation (each client contributes its update once):
 weighting by example counts would need the counts in the clear and changes DP's sensitivity.
@@ -161,6 +158,7 @@ class SecureAggregationGrid:
         self._round = 0
         self._uncharged: float | None = None  # this round's sample rate until the budget is charged
         self._charged: RoundPrivacy | None = None
+        self.void_aborted_rounds = False  # True: an aborted round returns an empty Aggregate instead of raising
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -187,11 +185,12 @@ class SecureAggregationGrid:
         self._uncharged, self._charged = sample_rate, None
         try:
             aggregate = round_fn(messages, timeout)
-        except SecAggError as exc:  # too few devices left for the threshold: this round is void, the run goes on
+        except SecAggError as exc:  # e.g. too few devices left for the threshold
+            if not self.void_aborted_rounds:
+                raise
             logging.getLogger("fedge.federated").warning("secure aggregation round aborted: %s", exc)
-            nodes, stats = [m.metadata.dst_node_id for m in messages], RoundStats(self._round, len(messages), 0,
-                                                                                   len(messages), 0.0)
-            aggregate = Aggregate({}, 0.0, [], nodes, 0, stats)
+            n, nodes = len(messages), [m.metadata.dst_node_id for m in messages]
+            aggregate = Aggregate({}, 0.0, [], nodes, 0, RoundStats(self._round, n, 0, n, 0.0))
         finally:
             self._uncharged = None  # a round that failed before release is not charged
         aggregate.stats.seconds = time.perf_counter() - start

@@ -84,11 +84,22 @@ class Publisher:
 def build_run(config: FederatedConfig, hooks: SimulationHooks | None = None) -> FederatedRun:
     """The run this app executes: secure aggregation, DP and publishing as the config says."""
     wrapper = hooks.grid_wrapper if hooks is not None else None
-    if wrapper is None:
-        wrapper = privacy_grid_wrapper(config)
+    if wrapper is None and (wrapper := privacy_grid_wrapper(config)) is not None:
+        wrapper = _voiding(wrapper)
     publish = Publisher(config) if config.publish_registry else None
     return FederatedRun(config, on_round=hooks.on_round if hooks else _log_round, grid_wrapper=wrapper,
                         publish=publish)
+
+
+def _voiding(wrapper: Callable[[Grid], Grid]) -> Callable[[Grid], Grid]:
+    """On devices, a secure round left below its threshold (devices died) is void, not the end of the run."""
+
+    def wrap(grid: Grid) -> Grid:
+        secure = wrapper(grid)
+        secure.void_aborted_rounds = True
+        return secure
+
+    return wrap
 
 
 def _log_round(record: dict) -> None:
