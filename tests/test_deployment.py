@@ -100,7 +100,7 @@ def test_three_devices_two_secure_rounds_publish_a_signed_adapter(federation, se
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(federation):
-    before = {n["node-id"] for n in federation._flwr_json(["supernode", "ls"], timeout=30)["nodes"]}
+    before = set(federation.node_status())
     proc = federation.start_node("unregistered", data=federation.data["device-0"], max_retries=1)
     try:
         assert proc.wait(timeout=120) != 0
