@@ -19,6 +19,14 @@ def _add_serve(cloud: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--replicas", type=int, default=1, help="verifier replicas; sessions stick to theirs")
+    serve.add_argument("--autoscale-min", type=int, default=None,
+                       help="with --autoscale-max: Serve autoscales the verifier between these replica counts")
+    serve.add_argument("--autoscale-max", type=int, default=None)
+    serve.add_argument("--autoscale-target", type=float, default=8.0,
+                       help="ongoing requests (rounds in flight) per replica the autoscaler aims at")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves in Ray")
+    serve.add_argument("--max-replicas-per-node", type=int, default=None,
+                       help="at most this many replicas on one Ray node (1 spreads them over nodes)")
     serve.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = all cores)")
     serve.add_argument("--max-sessions", type=int, default=64, help="per replica")
     serve.add_argument("--max-draft-len", type=int, default=16)
@@ -47,13 +55,20 @@ def _add_serve(cloud: argparse._SubParsersAction) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from fedge.cloud.engine import Limits
     from fedge.cloud.serve import ServeConfig, serve
+    from fedge.cloud.verifier_deployment import Scaling
 
     limits = Limits(max_sessions=args.max_sessions, max_draft_len=args.max_draft_len,
                     idle_timeout_s=args.idle_timeout_s, max_batch=args.max_batch,
                     max_sessions_per_device=args.max_sessions_per_device,
                     max_tokens_per_device=args.max_tokens_per_device, prefill_chunk=args.prefill_chunk)
+    try:
+        scaling = Scaling(replicas=args.replicas, autoscale_min=args.autoscale_min, autoscale_max=args.autoscale_max,
+                          target_ongoing_requests=args.autoscale_target, cpus_per_replica=args.cpus_per_replica,
+                          max_replicas_per_node=args.max_replicas_per_node)
+    except ValueError as exc:
+        raise SystemExit(f"fedge cloud serve: {exc}") from None
     return serve(ServeConfig(model=args.model, host=args.host, port=args.port, address=args.address,
-                             replicas=args.replicas, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
+                             scaling=scaling, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
                              max_message_bytes=args.max_message_bytes, adapters_dir=args.adapters,
                              adapter_pubkey=args.adapter_pubkey, limits=limits, tls_dir=args.tls_dir,
                              revoked_file=args.revoked))

@@ -1,17 +1,20 @@
-"""The gRPC ingress: decodes requests, routes each session's rounds to the replica that holds it.
+"""The gRPC ingress: decodes requests and calls the verifier deployment through one handle.
 
-Session ids name their shard (`s<shard>-<hex>`), so every round of a session goes to the replica
-holding its KV cache: strict session affinity with several replicas. New sessions go round-robin.
+Session ids name the replica that holds them (`s<replica>-<hex>`); Serve's request router
+(`fedge.cloud.session_router`) reads them and sends every round of a session to that replica,
+so the ingress itself keeps no routing table and refuses ids that name no replica (NOT_FOUND).
 Replicas answer with typed values (`fedge.cloud.engine`); a `Refusal` becomes the gRPC status of
 the same name, a failed replica UNAVAILABLE. Nothing here computes: it is glue between protobuf
-and the replicas' handles (Ray Serve handles, or anything with the same `.remote` methods).
+and the deployment's handle (a Ray Serve handle, or anything with the same `.remote` methods).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import asdict
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -52,27 +55,54 @@ async def _device(gate: DeviceGate | None, context) -> str:
     return "" if gate is None else await gate.require(context)
 
 
-class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
-    """gRPC -> the replica that holds the session."""
+def session_owner(session_id: str) -> str | None:
+    """The replica a session id names (`s<replica>-<hex>`), or None: then it is no session of this cloud."""
+    if session_id.startswith("s") and "-" in session_id:
+        owner = session_id[1:session_id.index("-")]
+        return owner if owner.isalnum() and owner.isascii() else None
+    return None
 
-    def __init__(self, handles: list, model: str, limits: Limits, max_message_bytes: int, static: ReplicaInfo,
-                 registry: AdapterRegistry, gate: DeviceGate | None = None):
+
+@dataclass(frozen=True)
+class LiveReplica:
+    replica_id: str  # Serve's unique id of the replica (what its session ids start with)
+    node_id: str | None
+
+
+_ROUTERS: dict[str, Any] = {}  # app name -> this process's `SessionAffinityRouter` for its verifier
+_ROUTERS_LOCK = threading.Lock()
+
+
+def register_router(app_name: str, router) -> None:
+    """Called by the session router when Serve creates it in this process (the handle's)."""
+    with _ROUTERS_LOCK:
+        _ROUTERS[app_name] = router
+
+
+def live_replicas(app_name: str) -> list[LiveReplica]:
+    """The verifier replicas this process's router for `app_name` sees ([] before its first request)."""
+    with _ROUTERS_LOCK:
+        router = _ROUTERS.get(app_name)
+    return router.live() if router is not None else []
+
+
+class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
+    """gRPC -> the verifier deployment, whose router takes each session to its replica.
+
+    `replicas` lists the live replicas' ids (for Health's totals, one `info` per replica); without
+    it Health asks one replica."""
+
+    def __init__(self, handle, model: str, limits: Limits, max_message_bytes: int, static: ReplicaInfo,
+                 registry: AdapterRegistry, gate: DeviceGate | None = None,
+                 replicas: Callable[[], list[str]] | None = None):
         self.gate = gate
-        self.handles = handles
+        self.handle = handle
         self.model = model
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.static = static
         self.registry = registry
-        self._next = 0
-
-    def _shard(self, session_id: str) -> int | None:
-        # ids look like s<shard>-<hex>; anything else cannot be a session of this cloud
-        if session_id.startswith("s") and "-" in session_id:
-            head = session_id[1:session_id.index("-")]
-            if head.isdigit() and int(head) < len(self.handles):
-                return int(head)
-        return None
+        self.replicas = replicas
 
     async def _call(self, context, coro) -> Any:
         try:
@@ -84,11 +114,16 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             await context.abort(_status(result), result.message)
         return result
 
-    async def _route(self, session_id: str, context) -> int:
-        shard = self._shard(session_id)
-        if shard is None:
+    async def _route(self, session_id: str, context) -> None:
+        if session_owner(session_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {clip(session_id)}")
-        return shard
+
+    async def replica_infos(self) -> list[ReplicaInfo]:
+        """One `ReplicaInfo` per replica that answers (a dead one is left out)."""
+        ids = self.replicas() if self.replicas is not None else []
+        calls = [self.handle.info.remote(replica=r) for r in ids] if ids else [self.handle.info.remote()]
+        infos = await asyncio.gather(*calls, return_exceptions=True)
+        return [i for i in infos if isinstance(i, ReplicaInfo)]
 
     async def OpenSession(self, request, context):
         device_id = await _device(self.gate, context)
@@ -100,9 +135,6 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
                 (await asyncio.to_thread(self.registry.snapshot, request.adapter_version)).get(request.adapter_version)
             except KeyError as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        # new sessions go round-robin over the replicas; the id pins them there afterwards
-        shard = self._next % len(self.handles)
-        self._next += 1
         sampling = request.sampling
         if not all(math.isfinite(x) for x in (sampling.temperature, sampling.top_p)):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature and top_p must be finite")
@@ -115,12 +147,12 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
                           model_fingerprint=request.model_fingerprint, adapter_version=request.adapter_version,
                           sampling=params, prompt_ids=list(request.prompt_ids), seed=request.seed,
                           device_id=device_id)
-        opened = await self._call(context, self.handles[shard].open_session.remote(req))
+        opened = await self._call(context, self.handle.open_session.remote(req))
         return fedge_pb2.OpenSessionReply(**asdict(opened))
 
     async def Verify(self, request, context):
         device_id = await _device(self.gate, context)
-        shard = await self._route(request.session_id, context)
+        await self._route(request.session_id, context)
         if request.position < 0:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"position {request.position} is negative")
         if len(request.draft_ids) > self.limits.max_draft_len or len(request.draft_q) > self.limits.max_draft_len:
@@ -128,17 +160,17 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
                                                                   f"{self.limits.max_draft_len} tokens")
         rnd = Round(session_id=request.session_id, position=request.position, draft_ids=list(request.draft_ids),
                     draft_q=[(list(d.ids), list(d.probs)) for d in request.draft_q], device_id=device_id)
-        reply = await self._call(context, self.handles[shard].verify.remote(rnd))
+        reply = await self._call(context, self.handle.verify.remote(rnd))
         return fedge_pb2.VerifyReply(**asdict(reply))
 
     async def Generate(self, request, context):
         device_id = await _device(self.gate, context)
-        shard = await self._route(request.session_id, context)
+        await self._route(request.session_id, context)
         if request.max_new_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
         if len(request.stop_ids) > 1024:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 1024 stop_ids")
-        stream = self.handles[shard].options(stream=True).generate.remote(
+        stream = self.handle.options(stream=True).generate.remote(
             request.session_id, request.max_new_tokens, list(request.stop_ids), device_id)
         try:
             async for replies in _guarded(stream, context):
@@ -153,19 +185,21 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
 
     async def CloseSession(self, request, context):
         device_id = await _device(self.gate, context)
-        shard = await self._route(request.session_id, context)
-        closed = await self._call(context, self.handles[shard].close_session.remote(request.session_id, device_id))
+        await self._route(request.session_id, context)
+        closed = await self._call(context, self.handle.close_session.remote(request.session_id, device_id))
         return fedge_pb2.CloseSessionReply(closed=bool(closed))
 
     async def Health(self, request, context):
         await _device(self.gate, context)
-        infos: list[ReplicaInfo] = await asyncio.gather(*(h.info.remote() for h in self.handles))
+        infos = await self.replica_infos()
+        if not infos:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no verifier replica answered")
         lim = self.limits
         return fedge_pb2.HealthReply(
             status="SERVING", model=self.model, model_fingerprint=self.static.model_fingerprint,
             tokenizer_fingerprint=self.static.tokenizer_fingerprint, vocab_size=self.static.vocab_size,
-            sessions=sum(i.sessions for i in infos), replicas=len(self.handles),
-            max_sessions=lim.max_sessions * len(self.handles), max_draft_len=lim.max_draft_len,
+            sessions=sum(i.sessions for i in infos), replicas=len(infos),
+            max_sessions=lim.max_sessions * len(infos), max_draft_len=lim.max_draft_len,
             max_message_bytes=self.max_message_bytes, idle_timeout_s=lim.idle_timeout_s,
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i.forwards for i in infos),
             tokens_generated=sum(i.tokens_generated for i in infos), forward_s=sum(i.forward_s for i in infos),

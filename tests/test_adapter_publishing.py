@@ -189,7 +189,7 @@ def loopback(tiny, keys, fingerprints, tmp_path):
         server = grpc.aio.server()
         static = engine.info()
         fedge_pb2_grpc.add_VerifierServicer_to_server(
-            VerifierIngress([_Local(engine)], BASE, Limits(), 1 << 20, static, ingress_registry), server)
+            VerifierIngress(_Local(engine), BASE, Limits(), 1 << 20, static, ingress_registry), server)
         fedge_pb2_grpc.add_AdaptersServicer_to_server(AdaptersIngress(ingress_registry, 4096), server)
         state["port"] = server.add_secure_port("127.0.0.1:0", server_credentials(certs.root))
         await server.start()
