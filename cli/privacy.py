@@ -29,7 +29,7 @@ def _add_dp(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--clip", type=float, default=0.01, help="client update L2 clip norm C (under DP)")
     dp.add_argument("--clients", type=int, default=5, help="all of them train every round")
     dp.add_argument("--rounds", type=int, default=3)
-    dp.add_argument("--steps", type=int, default=8, help="local steps per round")
+    dp.add_argument("--steps", type=int, default=6, help="local steps per round")
     dp.add_argument("--batch-size", type=int, default=2)
     dp.add_argument("--seq-len", type=int, default=64)
     dp.add_argument("--lr", type=float, default=2e-2)

@@ -56,7 +56,7 @@ class DPExperiment:
     clip: float = 0.01  # client update L2 clip norm C (under DP; see the README for why so small)
     clients: int = 5  # every client takes part in every round (the accountant charges q = 1 anyway)
     rounds: int = 3
-    steps: int = 8
+    steps: int = 6
     batch_size: int = 2
     seq_len: int = 64
     lr: float = 2e-2
