@@ -73,20 +73,9 @@ def verifier_deployment():
     class VerifierReplica:
         def __init__(self, model: str, limits: Limits, threads: int, batch_wait_ms: float,
                      adapters_dir: str | None, adapter_pubkey: str | None = None, adapter_poll_s: float = 2.0):
-            import torch
-
-            from fedge.models import load_model, model_fingerprint, tokenizer_fingerprint
-
-            # Ray pins OMP threads to the actor's num_cpus; `threads` (0 = all cores) decides
-            torch.set_num_threads(threads or os.cpu_count() or 1)
             # session ids name this replica: the router sends their rounds back here
             shard = serve.get_replica_context().replica_id.unique_id
-            target, tokenizer = load_model(model)
-            fingerprint = model_fingerprint(target)
-            adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
-                                       min_rescan_s=0.0)  # only versions the ingress approved get here
-            self.engine = VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard,
-                                         adapters=adapters)
+            self.engine = load_engine(model, limits, shard, threads, adapters_dir, adapter_pubkey, adapter_poll_s)
             self.scheduler = ContinuousBatchScheduler(self.engine, batch_wait_ms / 1000)
             self._stop = threading.Event()
             threading.Thread(target=self._reap, daemon=True).start()
@@ -124,6 +113,22 @@ def verifier_deployment():
             return self.engine.shard, ray.get_runtime_context().get_node_id()
 
     return VerifierReplica
+
+
+def load_engine(model: str, limits: Limits, shard: str, threads: int, adapters_dir: str | None,
+                adapter_pubkey: str | None, adapter_poll_s: float) -> VerifierEngine:
+    """The replica's engine: the target model loaded in this process, its adapters, its sessions."""
+    import torch
+
+    from fedge.models import load_model, model_fingerprint, tokenizer_fingerprint
+
+    # Ray pins OMP threads to the actor's num_cpus; `threads` (0 = all cores) decides
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    target, tokenizer = load_model(model)
+    fingerprint = model_fingerprint(target)
+    adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
+                               min_rescan_s=0.0)  # only versions the ingress approved get here
+    return VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
 
 
 def process_cpu_s() -> float:

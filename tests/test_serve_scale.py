@@ -77,6 +77,31 @@ def _open(stub, tiny) -> str:
         prompt_ids=[1, 2, 3]), timeout=30).session_id
 
 
+def test_scaling_becomes_serve_deployment_options_and_builder_args_are_checked():
+    from fedge.cloud.serve_app import config_from_args
+    from fedge.cloud.verifier_deployment import Scaling, verifier_deployment
+
+    auto = Scaling(autoscale_min=1, autoscale_max=3, target_ongoing_requests=4, cpus_per_replica=2,
+                   max_replicas_per_node=1)
+    deployment = verifier_deployment().options(**auto.deployment_options())  # Serve validates the options
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    assert deployment._replica_config.max_replicas_per_node == 1
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
+    assert verifier_deployment().options(**Scaling(replicas=3).deployment_options()).num_replicas == 3
+    with pytest.raises(ValueError, match="both"):
+        Scaling(autoscale_min=2)
+    with pytest.raises(ValueError, match="min <= max"):
+        Scaling(autoscale_min=3, autoscale_max=2)
+    cfg = config_from_args({"model": "tiny-random-llama", "port": "0", "autoscale_min": "1", "autoscale_max": "2",
+                            "max_sessions": "4", "adapters_dir": "none"})
+    assert (cfg.port, cfg.scaling.autoscale_max, cfg.limits.max_sessions, cfg.adapters_dir) == (0, 2, 4, None)
+    with pytest.raises(ValueError, match="unknown argument 'replica'"):
+        config_from_args({"replica": "2"})
+    with pytest.raises(ValueError, match="not a valid int"):
+        config_from_args({"port": "http"})
+
+
 def test_serve_run_config_file_two_replicas_affinity_and_grpc_health(tmp_path, tiny):
     port = _free_port()
     server = f"127.0.0.1:{port}"
