@@ -9,16 +9,19 @@ from fedge.cli.outputs import RUNS_ROOT
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from fedge.models import DEFAULT_MODEL
+    from fedge.simulations.demo import DemoConfig
 
+    d = DemoConfig()
     demo = subparsers.add_parser("demo", help="the whole phone-plus-server scenario, with a report")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--phones", type=int, default=8)
     demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--steps", type=int, default=4, help="local LoRA steps per phone per round")
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--epsilon", type=float, default=8.0, help="DP budget for the whole run")
-    demo.add_argument("--delta", type=float, default=1e-3)
-    demo.add_argument("--clip", type=float, default=0.5, help="L2 clip of one phone's update")
+    demo.add_argument("--steps", type=int, default=d.steps, help="local LoRA steps per phone per round")
+    demo.add_argument("--lr", type=float, default=d.lr, help="the phones' AdamW learning rate (FFA: B only)")
+    demo.add_argument("--epsilon", "--dp-epsilon", dest="epsilon", type=float, default=d.epsilon,
+                      help="client-level DP budget for the whole run (0 = off, the default)")
+    demo.add_argument("--delta", type=float, default=d.delta)
+    demo.add_argument("--clip", type=float, default=d.clip, help="L2 clip of one phone's update (DP only)")
     demo.add_argument("--rtt-ms", type=float, default=40.0)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,10 @@
 """`fedge demo`: the whole phone-plus-server scenario on the embedded defaults, with a report.
 
 1. the default model (from its PyPI wheel) and its int4 edge draft;
-2. phones fine-tune the shared LoRA adapter on their own stdlib packages, federated on Flower + Ray,
-   with secure aggregation and client-level DP (epsilon accounted and enforced);
+2. phones fine-tune the shared LoRA adapter on their own stdlib packages (training on their int4 draft;
+   evaluation on the target), federated on Flower + Ray, with secure aggregation; client-level DP
+   (epsilon accounted and enforced) with `--epsilon E` (off by default: with 8 phones its noise
+   outweighs the updates, the README gives the measured price);
 3. the cloud publishes the global adapter signed; each phone checks the signature and folds the
    adapter into its draft;
 4. code completions: edge drafting + cloud verification (the cloud serving target + adapter) side
@@ -27,6 +29,13 @@ from fedge.models import DEFAULT_MODEL
 console = Console(width=max(Console().width, 110))  # a report: wide enough that no column is cut
 
 
+# What each phone does per round: STEPS AdamW steps on 2 windows of 128 tokens of its own code, on B only
+# (FFA-LoRA). A frozen A makes B's gradient small, so FFA wants a larger step than full LoRA's usual
+# 1e-4..1e-3; LR is the learning rate of the `fedge simulate federated` default run.
+STEPS = 8
+LR = 1e-2
+
+
 @dataclass
 class DemoConfig:
     """`fedge demo`'s knobs; everything else is the embedded default scenario."""
@@ -34,11 +43,11 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     phones: int = 8
     rounds: int = 3
-    steps: int = 4  # local LoRA steps per phone per round
-    lr: float = 3e-3
-    epsilon: float = 8.0  # DP budget for the whole run
+    steps: int = STEPS  # local LoRA steps per phone per round
+    lr: float = LR
+    epsilon: float = 0.0  # client-level DP budget for the whole run; 0 = off
     delta: float = 1e-3
-    clip: float = 0.5  # L2 clip of one phone's update
+    clip: float = 0.5  # L2 clip of one phone's update (DP only)
     rtt_ms: float = 40.0
     max_new_tokens: int = 48
     seed: int = 0
@@ -75,30 +84,31 @@ def _print_round(record: dict) -> None:
 
 
 def _federated(config: DemoConfig, run_dir: Path):
-    """Step 2: the phones fine-tune the adapter, federated, with secure aggregation and client-level DP."""
+    """Step 2: the phones fine-tune the adapter, federated, under secure aggregation (and DP if asked)."""
     from fedge.cloud.federated_config import FederatedConfig
     from fedge.data import load_corpus
-    from fedge.peft_methods.dp import DPConfig, calibrate_noise_multiplier
     from fedge.simulations.federated import run_federated
-    from fedge.simulations.privacy import secure_grid_wrapper, secure_mods
 
-    _step(2, f"federated fine-tuning: {config.phones} phones, {config.rounds} rounds, secure aggregation + DP")
+    dp = config.epsilon > 0
+    _step(2, f"federated fine-tuning: {config.phones} phones, {config.rounds} rounds, secure aggregation"
+             + (f" + DP (epsilon {config.epsilon:g})" if dp else ""))
     corpus = load_corpus("stdlib", "natural", num_clients=config.phones, seed=config.seed)
     fed = FederatedConfig(model=config.model, data="stdlib", partition="natural", num_clients=len(corpus.clients),
                           clients_per_round=len(corpus.clients), rounds=config.rounds, method="ffa",
                           steps=config.steps, batch_size=2, seq_len=128, lr=config.lr, eval_examples=2,
-                          seed=config.seed, noop_rounds=1, checkpoint_dir=str(run_dir / "checkpoints"))
-    sigma = calibrate_noise_multiplier(config.epsilon, config.delta, 1.0, fed.rounds)
-    dp = DPConfig(clip_norm=config.clip, noise_multiplier=sigma, delta=config.delta, max_epsilon=config.epsilon,
-                  min_clients=max(2, math.ceil(0.6 * fed.clients_per_round)))
+                          seed=config.seed, noop_rounds=1, checkpoint_dir=str(run_dir / "checkpoints"),
+                          secagg=True, dp_epsilon=config.epsilon, dp_clip=config.clip, dp_delta=config.delta)
     console.print(f"phones: {', '.join(c.name for c in corpus.clients)}")
-    console.print(f"DP: clip {config.clip}, noise multiplier {sigma:.2f} for epsilon <= {config.epsilon} at delta "
-                  f"{config.delta}; noise added on the phones (distributed), sum revealed only by secure aggregation")
-    with console.status("Flower simulation on Ray (clients train LoRA on their own packages)"):
-        result, fed = run_federated(fed, corpus, on_round=_print_round,
-                                    grid_wrapper=secure_grid_wrapper(fed, dp, seed=config.seed),
-                                    client_mods=secure_mods())
-    return result, fed, corpus, sigma
+    console.print(f"each phone: {fed.steps} steps/round of LoRA (FFA: B only, lr {fed.lr:g}) on its "
+                  f"{fed.draft_quant} draft; the global adapter is evaluated on the target")
+    if dp:
+        console.print(f"DP: clip {config.clip}, epsilon <= {config.epsilon:g} at delta {config.delta:g}; noise added "
+                      "on the phones (distributed), the sum revealed only by secure aggregation")
+    else:
+        console.print("DP off (--epsilon E turns it on; the README gives its measured price at 8 phones)")
+    with console.status("Flower simulation on Ray (phones train LoRA on their own packages)"):
+        result, fed = run_federated(fed, corpus, on_round=_print_round)
+    return result, fed, corpus
 
 
 def _save_adapter(fed, result, run_dir: Path) -> tuple[str, Path]:
@@ -143,13 +153,21 @@ def _serving(config: DemoConfig, draft_dir: Path, registry: Path, version: str, 
     return json.loads(serving_json.read_text())
 
 
-def _federated_report(config: DemoConfig, fed, result, sigma: float, version: str, adapter_dir: Path) -> dict:
+def _federated_report(config: DemoConfig, fed, result, version: str, adapter_dir: Path) -> dict:
     rounds = [r for r in result.records if r["round"] > 0]
+    first, last = result.records[0], result.records[-1]
+    dp = config.epsilon > 0
     return {
-        "method": fed.method, "rounds": rounds, "initial_loss": result.records[0]["global_loss"],
-        "final_loss": result.records[-1]["global_loss"], "final_perplexity": result.records[-1]["global_perplexity"],
-        "epsilon": rounds[-1].get("epsilon") if rounds else None, "delta": config.delta,
-        "noise_multiplier": sigma, "clip_norm": config.clip, "adapter_version": version,
+        "method": fed.method, "rounds": rounds, "initial_loss": first["global_loss"],
+        "initial_perplexity": first["global_perplexity"], "initial_client_loss": first["client_loss"],
+        "final_loss": last["global_loss"],
+        "final_perplexity": last["global_perplexity"],
+        "perplexity_change": last["global_perplexity"] / first["global_perplexity"] - 1,
+        "secagg": True, "dp": dp, "epsilon": rounds[-1].get("epsilon") if rounds and dp else None,
+        "delta": config.delta if dp else None, "noise_multiplier": rounds[-1].get("noise_multiplier") if dp else None,
+        "clip_norm": config.clip if dp else None, "adapter_version": version,
+        "bytes_down_per_client_round": sum(r["bytes_down_per_client"] for r in rounds) / max(1, len(rounds)),
+        "bytes_up_per_client_round": sum(r["bytes_up_per_client"] for r in rounds) / max(1, len(rounds)),
         "adapter_dir": str(adapter_dir), "model_bytes": result.model_bytes,
     }
 
@@ -164,7 +182,7 @@ def run_demo(config: DemoConfig) -> dict:
     draft, draft_dir = _models(config)
     timings["models_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result, fed, corpus, sigma = _federated(config, run_dir)
+    result, fed, corpus = _federated(config, run_dir)
     version, adapter_dir = _save_adapter(fed, result, run_dir)
     timings["federated_s"] = time.perf_counter() - t0
     _publish(config, version, adapter_dir, draft, run_dir)
@@ -174,7 +192,7 @@ def run_demo(config: DemoConfig) -> dict:
     timings["total_s"] = time.perf_counter() - started
     report = {
         "run_dir": str(run_dir), "model": config.model, "phones": [c.name for c in corpus.clients],
-        "federated": _federated_report(config, fed, result, sigma, version, adapter_dir),
+        "federated": _federated_report(config, fed, result, version, adapter_dir),
         "serving": serving,
         # a forward serves mean_batch phones' rounds at once; per phone, a round yields this many tokens
         "tokens_per_verify_round": serving["tokens_edge_assisted"] / max(
@@ -198,7 +216,8 @@ def _plots(report: dict, run_dir: Path) -> None:
     xs = [0] + [r["round"] for r in rounds]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(xs, [fed["initial_loss"]] + [r["global_loss"] for r in rounds], "o-", label="global held-out")
-    axes[0].plot([r["round"] for r in rounds], [r["worst_client_loss"] for r in rounds], "s--", label="worst phone")
+    worst0 = max(fed["initial_client_loss"].values(), default=math.nan)
+    axes[0].plot(xs, [worst0] + [r["worst_client_loss"] for r in rounds], "s--", label="worst phone")
     axes[0].set(title="federated LoRA: held-out loss", xlabel="round", ylabel="loss")
     axes[0].legend()
     axes[1].bar([r["round"] - 0.18 for r in rounds], [r["bytes_up"] / 1e3 for r in rounds], width=0.35, label="up")
@@ -206,12 +225,23 @@ def _plots(report: dict, run_dir: Path) -> None:
                 label="down")
     axes[1].set(title="bytes per round (all phones)", xlabel="round", ylabel="kB")
     axes[1].legend()
-    axes[2].plot(xs, [0.0] + [r.get("epsilon") or 0.0 for r in rounds], "o-")
-    axes[2].axhline(report["config"]["epsilon"], color="red", linestyle=":", label="budget")
-    axes[2].set(title=f"privacy spent (delta {fed['delta']:g})", xlabel="round", ylabel="epsilon")
-    axes[2].legend()
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_xticks(xs)
+    if fed["dp"]:
+        axes[2].plot(xs, [0.0] + [r.get("epsilon") or 0.0 for r in rounds], "o-")
+        axes[2].axhline(report["config"]["epsilon"], color="red", linestyle=":", label="budget")
+        axes[2].set(title=f"privacy spent (delta {fed['delta']:g})", xlabel="round", ylabel="epsilon")
+        axes[2].set_xticks(xs)
+    else:  # each phone's own held-out perplexity before and after
+        phones = sorted(fed["initial_client_loss"])
+        pos = range(len(phones))
+        axes[2].bar([i - 0.2 for i in pos], [math.exp(fed["initial_client_loss"][p]) for p in phones], 0.4,
+                    label="round 0", color="grey")
+        axes[2].bar([i + 0.2 for i in pos], [math.exp(rounds[-1]["client_loss"].get(p, math.nan)) for p in phones],
+                    0.4, label=f"round {rounds[-1]['round']}", color="tab:green")
+        axes[2].set_xticks(list(pos), phones, rotation=45, ha="right", fontsize=7)
+        axes[2].set(title="each phone's held-out perplexity", ylabel="perplexity")
+    axes[2].legend()
     fig.tight_layout()
     fig.savefig(run_dir / "federated.png", dpi=110)
     plt.close(fig)
@@ -237,17 +267,21 @@ def _plots(report: dict, run_dir: Path) -> None:
 
 def _print_report(report: dict) -> None:
     fed, s = report["federated"], report["serving"]
-    table = Table(title="federated rounds (secure aggregation + DP)")
-    for col in ("round", "held-out loss", "perplexity", "worst phone loss", "up kB", "down kB", "epsilon",
-                "survivors"):
+    table = Table(title="federated rounds (secure aggregation" + (" + DP)" if fed["dp"] else ", DP off)"))
+    cols = ["round", "held-out loss", "perplexity", "worst phone loss", "up kB/phone", "down kB/phone", "survivors"]
+    for col in cols + (["epsilon"] if fed["dp"] else []):
         table.add_column(col, justify="right")
-    table.add_row("0", f"{fed['initial_loss']:.3f}", f"{math.exp(fed['initial_loss']):.1f}", "", "", "", "", "")
+    table.add_row("0", f"{fed['initial_loss']:.3f}", f"{fed['initial_perplexity']:.2f}", "", "", "", "",
+                  *([""] if fed["dp"] else []))
     for r in fed["rounds"]:
         eps = r.get("epsilon")
-        table.add_row(str(r["round"]), f"{r['global_loss']:.3f}", f"{r['global_perplexity']:.1f}",
-                      f"{r['worst_client_loss']:.3f}", f"{r['bytes_up'] / 1e3:.0f}", f"{r['bytes_down'] / 1e3:.0f}",
-                      f"{eps:.2f}" if eps is not None else "-", str(r.get("secagg_survivors", "-")))
+        table.add_row(str(r["round"]), f"{r['global_loss']:.3f}", f"{r['global_perplexity']:.2f}",
+                      f"{r['worst_client_loss']:.3f}", f"{r['bytes_up_per_client'] / 1e3:.0f}",
+                      f"{r['bytes_down_per_client'] / 1e3:.0f}", str(r.get("secagg_survivors", "-")),
+                      *([f"{eps:.2f}" if eps is not None else "-"] if fed["dp"] else []))
     console.print(table)
+    console.print(f"phones' held-out perplexity {fed['initial_perplexity']:.2f} -> {fed['final_perplexity']:.2f} "
+                  f"([bold]{100 * fed['perplexity_change']:+.1f}%[/bold]) after {len(fed['rounds'])} rounds")
     table = Table(title=f"serving: {len(report['phones'])} phones, RTT {s['rtt_ms']:g} ms")
     table.add_column("metric")
     table.add_column("cloud-only", justify="right")
@@ -263,7 +297,7 @@ def _print_report(report: dict) -> None:
     table.add_row("acceptance / mean k", "", f"{s['acceptance_rate']:.2f} / {s['mean_k']:.1f}")
     table.add_row("tokens per verify round of a phone", "1", f"{report['tokens_per_verify_round']:.2f}")
     console.print(table)
-    eps = f"{fed['epsilon']:.2f}" if fed["epsilon"] is not None else "not accounted"
+    eps = f"{fed['epsilon']:.2f}" if fed["epsilon"] is not None else "DP off"
     console.print(f"capacity ratio (cloud CPU per token, cloud-only / edge-assisted): [bold]{s['capacity_ratio']:.2f}"
                   f"[/bold]; greedy output identical: {s['greedy_identical']}; epsilon spent: {eps}")
     console.print(f"total {report['timings']['total_s']:.0f} s; report, plots, adapter and draft in "
