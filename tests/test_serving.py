@@ -6,7 +6,6 @@ import copy
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -30,33 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_cloud(port: int, *extra: str, timeout_s: float = 120.0) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port",
-         str(port), "--max-draft-len", str(MAX_DRAFT), "--max-message-bytes", str(MAX_MESSAGE), "--threads", "1",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            log.append(line)
-            if "fedge cloud: serving" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.is_set():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_cloud(proc)
-            raise RuntimeError("cloud did not start:\n" + "".join(log[-40:]))
-        time.sleep(0.2)
-    proc.log = log  # type: ignore[attr-defined]
-    return proc
 
 
 def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
@@ -96,9 +68,10 @@ def adapters_dir(tmp_path_factory, tiny, adapter_pubkey):
 
 
 @pytest.fixture(scope="module")
-def cloud(adapters_dir, adapter_pubkey):
+def cloud(adapters_dir, adapter_pubkey, start_cloud):
     port = free_port()
-    proc = start_cloud(port, "--adapters", str(adapters_dir), "--adapter-pubkey", str(adapter_pubkey))
+    proc = start_cloud(port, "--max-message-bytes", str(MAX_MESSAGE), "--adapters", str(adapters_dir),
+                       "--adapter-pubkey", str(adapter_pubkey))
     yield f"127.0.0.1:{port}"
     stop_cloud(proc)
 
@@ -236,13 +209,13 @@ def test_bad_requests_get_clear_status_codes_and_the_server_keeps_serving(cloud,
     channel.close()
 
 
-def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
+def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft, start_cloud):
     """The edge finishes its text offline (marked unverified), reconnects with backoff when the
     cloud is back, reopens the lost session with its verified prefix and reconciles the tail."""
     model, tok = tiny
     port = free_port()
     server = f"127.0.0.1:{port}"
-    proc = start_cloud(port)
+    proc = start_cloud(port, "--max-message-bytes", str(MAX_MESSAGE))
     client = client_for(server, tiny, noisy_draft, fixed_k=2, backoff_initial_s=0.2, backoff_max_s=1.0,
                         reconcile_wait_s=120.0, rpc_timeout_s=10.0)
     ids = list(tok(PROMPTS[4])["input_ids"])
@@ -257,7 +230,7 @@ def test_cloud_killed_and_restarted_mid_generation(tiny, noisy_draft):
 
             def restart() -> None:
                 time.sleep(1.0)
-                restarted[0] = start_cloud(port)
+                restarted[0] = start_cloud(port, "--max-message-bytes", str(MAX_MESSAGE))
 
             threading.Thread(target=restart, daemon=True).start()
 

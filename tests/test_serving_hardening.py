@@ -16,7 +16,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -42,8 +41,6 @@ from fedge.protocol.tls import (
 )
 from fedge.sampling import SamplingParams
 from fedge.verifier_session import TargetVerifierSession
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _engine(tiny, **limits) -> VerifierEngine:
@@ -278,40 +275,16 @@ def test_device_checks_fail_closed_on_an_asyncio_server(certs):
 
 # ---- a real `fedge cloud serve --tls-dir` ----------------------------------------------------------
 
-def _start_cloud(port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port", str(port),
-         "--threads", "1", "--max-draft-len", "8", "--batch-wait-ms", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-    log: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            log.append(line)
-            if "fedge cloud: serving" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + 150
-    while not ready.is_set():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError("cloud did not start:\n" + "".join(log[-40:]))
-        time.sleep(0.2)
-    return proc
-
-
 def _stop(proc: subprocess.Popen) -> None:
     stop_tree(proc.pid, grace_s=15)
 
 
 @pytest.fixture(scope="module")
-def tls_cloud(certs):
+def tls_cloud(certs, start_cloud):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = _start_cloud(port, "--tls-dir", str(certs.root), "--max-sessions-per-device", "2")
+    proc = start_cloud(port, "--batch-wait-ms", "0", "--tls-dir", str(certs.root), "--max-sessions-per-device", "2")
     yield proc, f"localhost:{port}"
     _stop(proc)
 
