@@ -184,13 +184,19 @@ class LocalFederation:
         while self.node_status().get(self.node_ids[device_id]) != status:
             if time.time() > deadline:
                 raise TimeoutError(f"{device_id} not {status} after {timeout:g} s")
-            time.sleep(1.0)
+            time.sleep(3.0)
 
     def kill_node(self, device_id: str, sig: int = signal.SIGKILL) -> None:
         """The SuperNode and its SuperExec, with the ClientApp processes they started."""
         if device_id in self.executors:
             self._kill_tree(self.executors.pop(device_id), sig)
         self._kill_tree(self.nodes.pop(device_id), sig)
+
+    def restart_node(self, device_id: str, timeout: float = 240.0) -> subprocess.Popen:
+        """Start a killed device again once the SuperLink has let its old session lapse (a SIGKILLed
+        SuperNode stays "online" until its heartbeats are overdue; until then a new one is refused)."""
+        self.wait_node_status(device_id, "offline", timeout)
+        return self.start_node(device_id)
 
     def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
         """Kill the SuperLink (with the ServerApp it runs) and start it again on the same port and

@@ -123,8 +123,8 @@ def _wait_for(log: Path, text: str, count: int, timeout: float) -> None:
 def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_on(federation, tmp_path):
     """Four devices (t = 3): one is SIGKILLed after sharing its key, while it trains for the masking
     stage; unmasking recovers its mask, the round completes with the other three, and round 2 runs.
-    The device is started again at once; the SuperLink lets it back in once its old session's
-    heartbeats have lapsed (about a minute), so it may or may not be back for round 2."""
+    The device is started again once the SuperLink has let its old session lapse (about a minute after
+    its last heartbeat), so it may or may not be back for round 2."""
     if "spare" not in federation.node_ids:
         federation.register("spare")
     federation.start_node("spare", data=federation.data["device-0"])
@@ -137,7 +137,7 @@ def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_
         # advertise keys, share keys, then the masking stage's train message: kill while it trains
         _wait_for(log, "Receiving: train", seen + 3, 300)
         federation.kill_node("device-2")  # SIGKILL, with the ClientApp process it started
-        federation.start_node("device-2")
+        federation.restart_node("device-2")  # while the run goes on
         finished(federation, run_id)
     finally:
         federation.kill_node("spare", signal.SIGTERM)
