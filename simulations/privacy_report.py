@@ -35,6 +35,9 @@ def plot_dp(report: dict, path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[2].plot(x, [r["heldout_perplexity"] for r in rows], "o-", label="trained")
     axes[2].axhline(report["init"]["heldout_perplexity"], color="gray", lw=0.8, ls=":", label="before training")
+    ppl = [r["heldout_perplexity"] for r in rows] + [report["init"]["heldout_perplexity"]]
+    if max(ppl) > 10 * min(ppl):
+        axes[2].set_yscale("log")
     axes[2].set(title="utility", ylabel="held-out perplexity")
     axes[2].legend(fontsize=8)
     for ax in axes:
