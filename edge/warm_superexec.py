@@ -8,7 +8,8 @@ torch, transformers and peft (several seconds on a phone-class CPU; the model lo
 
 This is Flower's own SuperExec (`flower-superexec`'s command line and loop) with one change: the
 ClientApp task runs Flower's own `run_clientapp` in a `fork()` of this process, which imported the
-ClientApp's heavy modules once at start (no torch thread pool exists yet, so forking is safe). Each
+ClientApp's heavy modules once at start (no torch thread pool exists yet; start it without
+`--parent-pid`, whose watcher thread a fork could catch holding a lock). Each
 message still gets its own process (Flower's isolation and exit semantics are kept); it just starts
 warm. Use it with `flower-supernode --isolation process`:
 

@@ -167,7 +167,7 @@ class LocalFederation:
         if self.spec.warm:
             self.executors[device_id] = self._spawn(
                 [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{self.spec.host}:{port}",
-                 "--insecure", "--parent-pid", str(node.pid)], f"{device_id}.log")
+                 "--insecure"], f"{device_id}.log")  # no --parent-pid: its watcher thread must not be forked
         return node
 
     def register(self, device_id: str) -> int:
