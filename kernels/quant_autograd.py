@@ -82,12 +82,18 @@ def int4_codes(packed: torch.Tensor, out_features: int, in_features: int) -> tor
 
 def int4_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
                     in_features: int, group_size: int) -> torch.Tensor:
-    """The fp32 [out, in] weight: (code - 8) * scale + zero per group, as the packed op computes it."""
-    codes = int4_codes(packed, out_features, in_features).float()
-    groups = codes.reshape(out_features, in_features // group_size, group_size)
+    """The fp32 [out, in] weight: (code - 8) * scale + zero per group, as the packed op computes it.
+
+    Written as code * scale + (zero - 8 scale) into one preallocated fp32 buffer: a conversion and two
+    in-place passes, the only fp32 tensor of the weight's size (this runs once per layer per backward).
+    """
+    groups = in_features // group_size
+    codes = int4_codes(packed, out_features, in_features).view(out_features, groups, group_size)
     scale = scales_and_zeros[..., 0].float().T.unsqueeze(-1)  # [out, in/group, 1]
-    zero = scales_and_zeros[..., 1].float().T.unsqueeze(-1)
-    return ((groups - 8.0) * scale + zero).reshape(out_features, in_features)
+    offset = scales_and_zeros[..., 1].float().T.unsqueeze(-1) - 8.0 * scale
+    weight = torch.empty(out_features, groups, group_size, dtype=torch.float32)
+    weight.copy_(codes)
+    return weight.mul_(scale).add_(offset).view(out_features, in_features)
 
 
 def int8_input_grad(grad_out: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
