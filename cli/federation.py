@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                         "instead of fedge's warm fork SuperExec")
     up.set_defaults(func=_up)
     app = sub.add_parser("app", help="where the installed Flower app folder is (for `flwr run`), or copy it")
-    app.add_argument("--out", default="", help="copy the app folder here (to edit its default options)")
+    app.add_argument("--out", default=None, help="copy the app folder here (to edit its default options)")
     app.set_defaults(func=_app)
 
 

@@ -18,18 +18,19 @@ GROUPS = {
     "models": ["list", "pull"],
     "data": ["stats"],
     "draft": ["build"],
-    "bench": ["speculative", "kernels", "draft-training", "serving-load", "aggregation"],
+    "bench": ["speculative", "kernels", "draft-training", "serving-load", "aggregation", "deployment"],
     "certs": ["create"],
     "simulate": ["federated", "phones"],
     "cloud": ["serve"],
     "edge": ["generate"],
     "privacy": ["dp", "secagg-time"],
-    "federation": ["up"],
+    "federation": ["up", "app"],
 }
 TOP_LEVEL = [*GROUPS, "generate", "demo"]
 # Commands that write files and choose where by default (the others require --out).
 WRITES_BY_DEFAULT = {("bench", "speculative"), ("bench", "kernels"), ("bench", "draft-training"),
-                     ("bench", "serving-load"), ("bench", "aggregation"), ("simulate", "federated"),
+                     ("bench", "serving-load"), ("bench", "aggregation"), ("bench", "deployment"),
+                     ("simulate", "federated"),
                      ("simulate", "phones"),
                      ("privacy", "dp"), ("privacy", "secagg-time"),
                      ("demo",)}
