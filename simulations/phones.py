@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
-    """`fedge cloud serve` in its own process (session), returns once it serves."""
+    """`fedge cloud serve` in its own process (session), returns once it serves (output in `proc.log`)."""
     proc = subprocess.Popen([sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", model,
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
@@ -106,6 +106,7 @@ def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) ->
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_cloud(proc)
             raise RuntimeError("the cloud did not start:\n" + "".join(log[-30:]))
+    proc.log = log  # type: ignore[attr-defined]  # its output so far, and on (tests read it)
     return proc
 
 

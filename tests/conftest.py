@@ -51,36 +51,10 @@ def start_cloud():
     """Start a real `fedge cloud serve` (tiny model, one torch thread, drafts of at most 8) on a port,
     with extra CLI flags; returns its process once it serves (its output is in `proc.log`). Stop it
     with `fedge.processes.stop_tree(proc.pid)`: Ray's processes are its descendants."""
-    import subprocess
-    import sys
-    import threading
-    import time
+    from fedge.simulations.phones import start_cloud as start_serving
 
-    from fedge.processes import stop_tree
-
-    def start(port: int, *extra: str, timeout_s: float = 150.0) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port", str(port),
-             "--threads", "1", "--max-draft-len", "8", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            cwd=Path(__file__).resolve().parents[1])
-        log: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in proc.stdout:
-                log.append(line)
-                if "fedge cloud: serving" in line:
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not ready.is_set():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_tree(proc.pid)
-                raise RuntimeError("cloud did not start:\n" + "".join(log[-40:]))
-            time.sleep(0.2)
-        proc.log = log  # type: ignore[attr-defined]
-        return proc
+    def start(port: int, *extra: str, timeout_s: float = 150.0):
+        return start_serving("tiny-random-llama", port, "--threads", "1", "--max-draft-len", "8", *extra,
+                             timeout_s=timeout_s)
 
     return start

@@ -159,24 +159,11 @@ def _cmdline(proc: psutil.Process) -> list[str]:
 
 def _start_cloud(port: int, address: str) -> subprocess.Popen:
     """`fedge cloud serve` joining the cluster: one replica per worker node."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.cli", "cloud", "serve", "--model", "tiny-random-llama", "--port", str(port),
-         "--address", address, "--replicas", "2", "--max-replicas-per-node", "1", "--cpus-per-replica", "1",
-         "--threads", "1", "--max-draft-len", "8", "--batch-wait-ms", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-    ready, log = threading.Event(), []
+    from fedge.simulations.phones import start_cloud
 
-    def pump() -> None:
-        for line in proc.stdout:
-            log.append(line)
-            if "fedge cloud: serving" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(240):
-        stop_tree(proc.pid)
-        raise RuntimeError("cloud did not start:\n" + "".join(log[-40:]))
-    return proc
+    return start_cloud("tiny-random-llama", port, "--address", address, "--replicas", "2",
+                       "--max-replicas-per-node", "1", "--cpus-per-replica", "1", "--threads", "1",
+                       "--max-draft-len", "8", "--batch-wait-ms", "0", timeout_s=240)
 
 
 def _placements(address: str) -> dict[str, str]:
