@@ -2,7 +2,7 @@
 
 Same data, steps, seeds and adapter init on every side; each training client runs in its own process
 (`python -m fedge.simulations.bench_draft_training JOB.json`), so its peak resident memory
-(`ru_maxrss`) is that of a phone-like client holding only the model it trains (its training text is
+(`VmHWM`) is that of a phone-like client holding only the model it trains (its training text is
 split here and handed over as JSON lines, so the client imports no dataset library). The table also
 shows the peak above the process's footprint before the model loads (torch, transformers, peft:
 what any Python client pays). Both sides train with the same memory options: the head and loss on
@@ -91,11 +91,21 @@ def split_dataset(name: str, data_dir: str, seed: int):
     return corpus.pooled_train(), heldout
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Not `ru_maxrss`: Linux carries it over `execve`, so a client
+    started by a parent that held 1.4 GB would report at least that."""
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_job(job: TrainJob) -> TrainOutcome:
@@ -128,7 +138,7 @@ def train_job(job: TrainJob) -> TrainOutcome:
                 progress=progress)
     outcome.step_s = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     torch.save(adapted.get_state(job.rank), job.out)
-    outcome.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    outcome.peak_rss_mb = _peak_rss_mb()
     return outcome
 
 
