@@ -73,5 +73,6 @@ def test_secagg_and_dp_flags_reach_the_run(corpus_path, tmp_path):
 
 def test_hetlora_under_secure_aggregation_is_refused_clearly(corpus_path, tmp_path, capsys):
     rc = main(["simulate", "federated", "--model", "tiny-random-llama", "--data", f"jsonl:{corpus_path}",
-               "--clients", "4", "--clients-per-round", "2", "--method", "hetlora", "--secagg", "--no-baselines", "--out", str(tmp_path)])
+               "--clients", "4", "--clients-per-round", "2", "--method", "hetlora", "--secagg", "--no-baselines",
+               "--out", str(tmp_path)])
     assert rc == 2 and "hetlora" in capsys.readouterr().err
