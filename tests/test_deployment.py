@@ -120,6 +120,7 @@ def _wait_for(log: Path, text: str, count: int, timeout: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.long
 def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_on(federation, tmp_path):
     """Four devices (t = 3): one is SIGKILLed after sharing its key, while it trains for the masking
     stage; unmasking recovers its mask, the round completes with the other three, and round 2 runs.
@@ -157,6 +158,7 @@ def test_a_supernode_killed_during_a_secure_round_is_recovered_and_the_run_goes_
     assert {r["client"] for r in two["rejected"]} <= {"device-2"}
 
 
+@pytest.mark.long
 def test_superlink_killed_mid_run_resumes_to_the_same_adapter(federation, secure_run, tmp_path):
     import torch
 
@@ -178,6 +180,7 @@ def test_superlink_killed_mid_run_resumes_to_the_same_adapter(federation, secure
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+@pytest.mark.long
 def test_bad_updates_are_left_out_with_their_reason(federation, tmp_path):
     """NaN, a wrong shape and a stale round's update, sent by real SuperNodes running the production
     ClientApp wrapped in the fault mod (a second app folder, the same devices)."""
