@@ -25,7 +25,7 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest
 
-# the fault drills left out of `make test` for time (about 12 minutes more on 2 cores)
+# the deployment fault drills left out of `make test` for time (about 7 minutes more on 2 cores)
 test-long: setup
 	$(PY) -m pytest -m long
 

@@ -212,7 +212,6 @@ def _ray_processes() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(_cmdline(p))]
 
 
-@pytest.mark.long
 def test_a_node_lost_mid_generation_every_session_finishes_exactly(tiny, noisy_draft):
     from ray.cluster_utils import Cluster
 
