@@ -29,9 +29,14 @@ def _causal_lm(model) -> torch.nn.Module:
 
 
 def _head_is_linear(causal_lm) -> bool:
+    """Whether logits are exactly head(decoder(...).last_hidden_state), so the head may run on chunks."""
     config = getattr(causal_lm, "config", None)
-    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-                or not hasattr(causal_lm, "get_decoder"))
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    if not (hasattr(causal_lm, "get_decoder") and hasattr(causal_lm, "get_output_embeddings")):
+        return False
+    decoder = causal_lm.get_decoder()
+    return decoder is not None and decoder is not causal_lm and causal_lm.get_output_embeddings() is not None
 
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
