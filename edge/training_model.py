@@ -22,8 +22,8 @@ adapter layout (the same object when the client trains the target).
 Memory: a training step allocates and frees buffers of a few MB to ~50 MB (a chunk of logits, a
 layer's rebuilt weight). glibc raises its mmap threshold to the largest freed block (up to 32 MB), after
 which such buffers come from the heap and are never given back, so a client's resident memory grows
-by hundreds of MB over the first steps. `release_freed_buffers` pins the threshold at 1 MB, once per
-process, for every training client (draft or target alike).
+by hundreds of MB over the first steps. `release_freed_buffers` pins the threshold at 1 MB (process-wide) when
+a training model loads, for every training client (draft or target alike).
 """
 
 from __future__ import annotations
