@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from fedge.simulations.local_federation import free_port
 
 PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -78,12 +79,6 @@ class ModeResult:
             return 0.0
         xs = sorted(self.latencies_s)
         return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
@@ -220,7 +215,7 @@ def _start_phones_cloud(args: argparse.Namespace, console) -> tuple[subprocess.P
     """`--server`, or a `fedge cloud serve` started here (its process, and the address)."""
     if args.server is not None:
         return None, args.server
-    port = args.port or _free_port()
+    port = args.port or free_port()
     console.print(f"starting `fedge cloud serve --model {args.model} --port {port} "
                   f"--batch-wait-ms {args.cloud_batch_wait_ms:g}` ...")
     adapter_flags = ["--adapters", args.adapters] if getattr(args, "adapters", None) else []

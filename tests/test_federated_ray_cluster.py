@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -19,12 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedge.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fedge.simulations.local_federation import free_port
 
 
 @pytest.fixture()
@@ -33,8 +27,8 @@ def ray_head():
     import ray
 
     temp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths live under it
-    port = _free_port()
-    ports = {f"--{name}": _free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    port = free_port()
+    ports = {f"--{name}": free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                      "metrics-export-port", "runtime-env-agent-port",
                                                      "ray-client-server-port")}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",

@@ -5,7 +5,6 @@ mid-generation (`ray.cluster_utils.Cluster`: a head and two worker nodes on this
 from __future__ import annotations
 
 import copy
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,12 @@ from fedge.edge.client import EdgeClient, EdgeConfig
 from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.processes import stop_processes, stop_tree, tree
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
+from fedge.simulations.local_federation import free_port
 from fedge.speculative import autoregressive_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFIER = fedge_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "for i in range(10):", "SELECT name FROM"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _health(server: str, service: str = "") -> int | None:
@@ -103,7 +97,7 @@ def test_scaling_becomes_serve_deployment_options_and_builder_args_are_checked()
 
 
 def test_serve_run_config_file_two_replicas_affinity_and_grpc_health(tmp_path, tiny):
-    port = _free_port()
+    port = free_port()
     server = f"127.0.0.1:{port}"
     config = tmp_path / "fedge-serve.yaml"  # what `serve build fedge.cloud.serve_app:build_app` starts from
     config.write_text(f"""proxy_location: Disabled
@@ -221,7 +215,7 @@ def test_a_node_lost_mid_generation_every_session_finishes_exactly(tiny, noisy_d
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        port = _free_port()
+        port = free_port()
         proc = _start_cloud(port, cluster.address)
         placed = _placements(cluster.address)
         assert len(placed) == 2 and set(placed.values()) == {w.node_id for w in workers}, placed  # one per worker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -19,16 +18,11 @@ from fedge.models import model_fingerprint, tokenizer_fingerprint
 from fedge.processes import stop_tree
 from fedge.protocol import fedge_pb2, fedge_pb2_grpc
 from fedge.sampling import SamplingParams
+from fedge.simulations.local_federation import free_port
 from fedge.speculative import autoregressive_generate
 
 MAX_DRAFT = 8
 MAX_MESSAGE = 64 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_cloud(proc: subprocess.Popen, hard: bool = False) -> None:
