@@ -161,14 +161,18 @@ def _start_cloud(port: int, address: str) -> subprocess.Popen:
 
 
 def _placements(address: str) -> dict[str, str]:
-    """replica id -> node id, asked of each replica (a Ray driver for the moment)."""
+    """replica actor id -> node id of every live verifier replica, from the cluster's actor table (GCS).
+
+    Read from the table, not by calling the replicas: a call without a session may go to any replica,
+    so a handful of calls need not reach both."""
     import ray
-    from ray import serve
+    from ray._private import state
 
     ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
-        handle = serve.get_app_handle("fedge-verifier")
-        return dict(handle.placement.remote().result(timeout_s=60) for _ in range(4))  # new calls round-robin
+        return {actor_id: info["Address"]["NodeID"] for actor_id, info in state.actors().items()
+                if info.get("ActorClassName", "").startswith("ServeReplica:fedge-verifier:")
+                and info.get("State") == "ALIVE"}
     finally:
         ray.shutdown()
 
