@@ -148,37 +148,49 @@ class _Attacks:
         self.evaluator = AdaptedModel(config.model, config.adapter_spec)
         self.tok, self.pad_id, self.data = self.evaluator.tokenizer, pad_token_id(self.evaluator.tokenizer), data
         self.init = self.evaluator.get_state()
-        members = [ex for c in corpus.clients for ex in c.train]  # exactly what the clients train on
+        trained = [ex for c in corpus.clients for ex in c.train]  # exactly what the clients train on
+        # the canary's documents open with a secret line that no non-member has: an attack could tell them
+        # apart by that line alone, so they are scored beside the members, not as members
+        topped = [ex for ex in trained if ex.text.startswith(data.canary)]
+        if not topped:
+            raise ValueError("every canary document was held out of training; use another --seed")
+        members = [ex for ex in trained if not ex.text.startswith(data.canary)]
         nonmembers = [ex.text for c in corpus.clients for ex in c.heldout] + [t for ts in data.nonmembers.values()
                                                                                for t in ts]
         self.members = eval_windows(members, self.tok, len(members), config.seq_len)
+        self.canary_docs = eval_windows(topped, self.tok, len(topped), config.seq_len)
         self.nonmembers = [w for w in (self.tok(t, add_special_tokens=False)["input_ids"][:config.seq_len]
                                        for t in nonmembers) if len(w) >= 2]
-        trained = next(c for c in corpus.clients if c.name == data.canary_client).train
-        self.canary_copies = sum(ex.text.startswith(data.canary) for ex in trained)
-        if self.canary_copies == 0:
-            raise ValueError("every canary document was held out of training; use another --seed")
+        self.canary_copies, self.trained_docs = len(topped), len(trained)
         self.reference = self.losses(self.init)
 
-    def losses(self, state) -> tuple[list[float], list[float]]:
+    def losses(self, state) -> tuple[list[float], list[float], list[float]]:
+        """Per-window mean loss of (members, non-members, canary documents) under `state`."""
         self.evaluator.set_state(state)
-        model = self.evaluator.model
-        return per_window_losses(model, self.members, self.pad_id), per_window_losses(model, self.nonmembers,
-                                                                                    self.pad_id)
+        windows = self.members + self.nonmembers + self.canary_docs
+        out = per_window_losses(self.evaluator.model, windows, self.pad_id)
+        m, n = len(self.members), len(self.nonmembers)
+        return out[:m], out[m:m + n], out[m + n:]
 
     def measure(self, state) -> dict:
-        member_loss, nonmember_loss = self.losses(state)
-        ref_members, ref_nonmembers = self.reference
+        member_loss, nonmember_loss, canary_loss = self.losses(state)
+        ref_members, ref_nonmembers, ref_canary = self.reference
         heldout_loss = float(np.mean(nonmember_loss))
         auc_loss = roc_auc([-x for x in member_loss], [-x for x in nonmember_loss])
-        auc_ref = roc_auc([r - x for x, r in zip(member_loss, ref_members, strict=True)],
-                          [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)])
+        member_ref = [r - x for x, r in zip(member_loss, ref_members, strict=True)]
+        nonmember_ref = [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)]
+        auc_ref = roc_auc(member_ref, nonmember_ref)
         m, n = len(member_loss), len(nonmember_loss)
+        # the earlier design: the canary's documents counted as members too (their secret line is a confounder)
+        with_canary = roc_auc(member_ref + [r - x for x, r in zip(canary_loss, ref_canary, strict=True)],
+                              nonmember_ref)
         return {
             "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
             "member_loss": float(np.mean(member_loss)),
             "mia_auc_loss": auc_loss, "mia_auc_loss_ci95": auc_halfwidth(auc_loss, m, n),
             "mia_auc_reference": auc_ref, "mia_auc_reference_ci95": auc_halfwidth(auc_ref, m, n),
+            "mia_auc_reference_with_canary_docs": with_canary,
+            "mia_scores_reference": {"members": member_ref, "nonmembers": nonmember_ref},
             **{f"canary_{k}": v for k, v in self.canary(state).items()},
         }
 
@@ -236,7 +248,7 @@ def run_dp_experiment(experiment: DPExperiment) -> dict:
                 **{f"canary_{k}": v for k, v in attacks.canary(attacks.init).items()}}
         rows = [_dp_row(experiment, eps, grid, config, nodes, attacks) for eps in experiment.epsilons]
         return {"rows": rows, "init": init, "members": len(attacks.members), "nonmembers": len(attacks.nonmembers),
-                "canary_copies_trained": attacks.canary_copies}
+                "canary_copies_trained": attacks.canary_copies, "trained_docs": attacks.trained_docs}
 
     start = time.perf_counter()
     result = simulate_private(config, body)
