@@ -46,7 +46,7 @@ class AggregationBench:
     seq_len: int = 32
     lr: float = 3e-3
     rank: int = 8
-    eval_examples: int = 2  # held-out windows per client, every client, every round
+    eval_examples: int = 8  # held-out windows per client, every client, every round
     client_model: str = "target"
 
     def __post_init__(self) -> None:
@@ -150,12 +150,34 @@ def best_per_partition(rows: list[dict]) -> dict[str, str]:
     return {p: r["method"] for p, r in out.items()}
 
 
-def run(bench: AggregationBench, console, partial: Path | None = None) -> dict:
-    """The whole grid; with `partial`, the runs so far are written there after each simulation."""
+def reusable_runs(bench: AggregationBench, paths: list[Path]) -> list[dict]:
+    """Runs of an earlier report or partial file (the first of `paths` that exists) made with the same
+    settings, partitions and seeds aside: a killed grid continues, and partitions run one at a time
+    end up in one report."""
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return []
+    earlier = json.loads(path.read_text())
+
+    def key(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ("partitions", "seeds")}
+
+    if key(earlier["settings"]) != key(json.loads(json.dumps(asdict(bench), default=str))):
+        raise ValueError(f"--resume: {path} was made with other settings; give another --json")
+    return [r for r in earlier["runs"] if r["partition"] in bench.partitions and r["seed"] in bench.seeds]
+
+
+def run(bench: AggregationBench, console, partial: Path | None = None, reuse: list[dict] = ()) -> dict:
+    """The whole grid; with `partial`, the runs so far are written there after each simulation; the
+    (partition, seed) pairs of `reuse` (earlier runs of the same settings) are not run again."""
     start = time.perf_counter()
-    runs = []
+    runs = list(reuse)
+    done = {(r["partition"], r["seed"]) for r in runs}
     for partition in bench.partitions:
         for seed in bench.seeds:
+            if (partition, seed) in done:
+                console.print(f"{partition}, seed {seed}: reused from the earlier report")
+                continue
             runs += run_partition_seed(bench, partition, seed, console)
             if partial is not None:
                 partial.write_text(json.dumps({"settings": asdict(bench), "runs": runs}, indent=1, default=str))
@@ -233,7 +255,9 @@ def main(args: argparse.Namespace) -> int:
             eval_examples=args.eval_examples, client_model=args.client_model)
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        report = run(bench, console, partial=path.with_suffix(".partial.json"))
+        partial = path.with_suffix(".partial.json")
+        reuse = reusable_runs(bench, [partial, path]) if args.resume else []
+        report = run(bench, console, partial=partial, reuse=reuse)
     except ValueError as exc:
         print(f"fedge: {exc}", file=sys.stderr)
         return 2
