@@ -57,14 +57,16 @@ class DPExperiment:
     clients: int = 5  # every client takes part in every round (the accountant charges q = 1 anyway)
     rounds: int = 3
     steps: int = 6
-    batch_size: int = 2
+    batch_size: int = 4
     seq_len: int = 64
     lr: float = 2e-2
     rank: int = 8
     targets: str = "q_proj,k_proj,v_proj,o_proj"
-    examples_per_client: int = 8  # short documents (one training window each): the members
-    nonmembers_per_client: int = 8  # documents of the same families nobody trains on
-    doc_chars: int = 240
+    # members: short documents, each within one training window with the canary line on top (120 characters
+    # are about 33 tokens); their number sets how tight the attack AUC is (95% half-width ~0.06 at chance)
+    examples_per_client: int = 32
+    nonmembers_per_client: int = 48  # documents of the same families nobody trains on (cheap: scored only)
+    doc_chars: int = 120
     canary_repeats: int = 6
     candidates: int = 255  # random secrets the canary is ranked among (max exposure log2(256) = 8 bits)
     client_model: str = "target"  # what clients train on (the int4 draft is ~1.6x slower per step on CPU)
