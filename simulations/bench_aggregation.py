@@ -78,7 +78,14 @@ def _run_record(config: FederatedConfig, result, wall_s: float) -> dict:
             "perplexity_per_round": [r["global_perplexity"] for r in records],
             "bytes_up_per_client_round": per_round("bytes_up_per_client"),
             "bytes_down_per_client_round": per_round("bytes_down_per_client"),
-            "rejected": sum(len(r.get("rejected", [])) for r in trained), "wall_s": wall_s}
+            "rejected": sum(len(r.get("rejected", [])) for r in trained), "wall_s": wall_s,
+            # ||aggregated - exact mean of the clients' B_k A_k changes|| / ||exact||, per round (0 for exact methods)
+            "aggregation_error_per_round": [r.get("aggregation_error") for r in trained]}
+
+
+def _mean_error(runs: list[dict]) -> float | None:
+    errors = [e for r in runs for e in r.get("aggregation_error_per_round", []) if e is not None]
+    return statistics.fmean(errors) if errors else None
 
 
 def _progress(console, partition: str, seed: int, method: str, record: dict, rounds: int) -> None:
@@ -131,7 +138,8 @@ def summarise(runs: list[dict], bench: AggregationBench) -> list[dict]:
                    "final_perplexity": _spread([r["final_perplexity"] for r in mine]),
                    "initial_perplexity": statistics.fmean(r["initial_perplexity"] for r in mine),
                    "bytes_up_per_client_round": statistics.fmean(r["bytes_up_per_client_round"] for r in mine),
-                   "bytes_down_per_client_round": statistics.fmean(r["bytes_down_per_client_round"] for r in mine)}
+                   "bytes_down_per_client_round": statistics.fmean(r["bytes_down_per_client_round"] for r in mine),
+                   "aggregation_error": _mean_error(mine)}
             paired = [by[method, s]["final_perplexity"] - by["fedavg", s]["final_perplexity"]
                       for s in bench.seeds if (method, s) in by and ("fedavg", s) in by]
             row["vs_fedavg"] = _spread(paired) if paired else None
@@ -200,13 +208,14 @@ def table(report: dict):
     t = Table(title=f"exact vs naive LoRA aggregation ({s['model']}, {s['rounds']} rounds, {s['clients']} clients, "
                     f"{s['clients_per_round']}/round x {s['steps']} steps, {len(s['seeds'])} seeds)")
     for col in ("partition", "method", "final ppl mean +- std", "min-max", "vs fedavg (paired)", "best in",
-                "bytes up/client/round", "bytes down/client/round"):
+                "agg. error", "bytes up/client/round", "bytes down/client/round"):
         t.add_column(col, justify="right")
     for r in report["summary"]:
-        f, d = r["final_perplexity"], r["vs_fedavg"]
+        f, d, err = r["final_perplexity"], r["vs_fedavg"], r.get("aggregation_error")
         t.add_row(r["partition"], r["method"], f"{f['mean']:.3f} +- {f['std']:.3f}", f"{f['min']:.3f}-{f['max']:.3f}",
                   "-" if d is None or r["method"] == "fedavg" else f"{d['mean']:+.3f} +- {d['std']:.3f}",
-                  f"{r['wins']}/{f['n']}", _kb(r["bytes_up_per_client_round"]), _kb(r["bytes_down_per_client_round"]))
+                  f"{r['wins']}/{f['n']}", "-" if err is None else f"{err:.1e}",
+                  _kb(r["bytes_up_per_client_round"]), _kb(r["bytes_down_per_client_round"]))
     return t
 
 

@@ -40,6 +40,9 @@ def test_bench_aggregation_cli_tiny(tmp_path):
     # FFA trains (and sends) B only; FedAvg sends A and B
     assert 0 < runs["ffa"]["bytes_up_per_client_round"] < runs["fedavg"]["bytes_up_per_client_round"]
     assert all(r["bytes_down_per_client_round"] > 0 and r["rejected"] == 0 for r in runs.values())
+    # FFA is exact (A frozen: the mean of B is the mean product); FedAvg of the factors is not
+    assert all(e == pytest.approx(0, abs=1e-6) for e in runs["ffa"]["aggregation_error_per_round"])
+    assert all(e > 0 for e in runs["fedavg"]["aggregation_error_per_round"][1:])
     assert report["best"]["natural"] in ("fedavg", "ffa") and out.with_suffix(".png").stat().st_size > 0
     # --resume reuses the runs of the same settings (nothing left to run here) and refuses other settings
     assert main(args + ["--resume"]) == 0
