@@ -231,15 +231,17 @@ def plot(report: dict, path: Path) -> None:
                              squeeze=False)
     for ax, partition in zip(axes[0], settings["partitions"], strict=True):
         for method in settings["methods"]:
-            curves = np.array([r["perplexity_per_round"] for r in report["runs"]
-                               if r["partition"] == partition and r["method"] == method])
+            # relative to the seed's own start: seeds differ in their held-out text, methods of a seed do not
+            curves = np.array([np.array(r["perplexity_per_round"]) / r["perplexity_per_round"][0] - 1
+                               for r in report["runs"] if r["partition"] == partition and r["method"] == method])
             if curves.size == 0:
                 continue
             x = np.arange(curves.shape[1])
-            line, = ax.plot(x, curves.mean(axis=0), label=method)
-            ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
+            line, = ax.plot(x, 100 * curves.mean(axis=0), label=method)
+            ax.fill_between(x, 100 * curves.min(axis=0), 100 * curves.max(axis=0), color=line.get_color(),
+                            alpha=0.15)
         ax.set(title=f"{partition} (mean, min-max over {len(settings['seeds'])} seeds)", xlabel="round",
-               ylabel="global held-out perplexity")
+               ylabel="global held-out perplexity vs round 0 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
