@@ -246,7 +246,10 @@ def run_dp_experiment(experiment: DPExperiment) -> dict:
 
     def body(grid, nodes):
         attacks = _Attacks(config, corpus, data)
-        init = {"heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
+        ref_members, ref_nonmembers, _ = attacks.reference
+        init = {"heldout_perplexity": math.exp(float(np.mean(ref_nonmembers))),
+                # the loss attack on the untrained model: how much harder the members are to begin with
+                "mia_auc_loss": roc_auc([-x for x in ref_members], [-x for x in ref_nonmembers]),
                 **{f"canary_{k}": v for k, v in attacks.canary(attacks.init).items()}}
         rows = [_dp_row(experiment, eps, grid, config, nodes, attacks) for eps in experiment.epsilons]
         return {"rows": rows, "init": init, "members": len(attacks.members), "nonmembers": len(attacks.nonmembers),

@@ -88,7 +88,9 @@ def print_dp(report: dict) -> None:
                 "MIA AUC ref (95% CI)", "canary exposure (rank)", "exposure (extrap.)"):
         table.add_column(col, justify="right")
     init = report["init"]
-    table.add_row("(before)", "", "", "", f"{init['heldout_perplexity']:.2f}", "", "", "",
+    base_auc = init.get("mia_auc_loss")
+    table.add_row("(before)", "", "", "", f"{init['heldout_perplexity']:.2f}", "",
+                  "" if base_auc is None else f"{base_auc:.3f}", "",
                   f"{init['canary_exposure']:.2f}", f"{init['canary_exposure_extrapolated']:.1f}")
     for r in report["rows"]:
         table.add_row(_eps(r["epsilon"]), f"{r['noise_multiplier']:.2f}",

@@ -67,4 +67,5 @@ def test_privacy_dp_cli_tiny(tmp_path):
         scores = r["mia_scores_reference"]
         assert len(scores["members"]) == report["members"] and len(scores["nonmembers"]) == report["nonmembers"]
         assert 0 <= r["mia_auc_reference_with_canary_docs"] <= 1
+    assert 0 <= report["init"]["mia_auc_loss"] <= 1
     assert out.with_suffix(".png").stat().st_size > 0
