@@ -80,7 +80,12 @@ def _run_record(config: FederatedConfig, result, wall_s: float) -> dict:
             "bytes_down_per_client_round": per_round("bytes_down_per_client"),
             "rejected": sum(len(r.get("rejected", [])) for r in trained), "wall_s": wall_s,
             # ||aggregated - exact mean of the clients' B_k A_k changes|| / ||exact||, per round (0 for exact methods)
-            "aggregation_error_per_round": [r.get("aggregation_error") for r in trained]}
+            "aggregation_error_per_round": [r.get("aggregation_error") for r in trained],
+            # the round's clients' own freshly trained adapters on their own held-out text, vs the global loss:
+            # local training that helps while the aggregate does not points at the aggregation
+            "personal_loss_per_round": [statistics.fmean(r["personal_loss"].values()) if r.get("personal_loss")
+                                        else None for r in trained],
+            "global_loss_per_round": [r["global_loss"] for r in records]}
 
 
 def _mean_error(runs: list[dict]) -> float | None:

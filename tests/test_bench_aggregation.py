@@ -43,6 +43,8 @@ def test_bench_aggregation_cli_tiny(tmp_path):
     # FFA is exact (A frozen: the mean of B is the mean product); FedAvg of the factors is not
     assert all(e == pytest.approx(0, abs=1e-6) for e in runs["ffa"]["aggregation_error_per_round"])
     assert all(e > 0 for e in runs["fedavg"]["aggregation_error_per_round"][1:])
+    assert all(len(r["global_loss_per_round"]) == 3 and len(r["personal_loss_per_round"]) == 2
+               and None not in r["personal_loss_per_round"] for r in runs.values())
     assert report["best"]["natural"] in ("fedavg", "ffa") and out.with_suffix(".png").stat().st_size > 0
     # --resume reuses the runs of the same settings (nothing left to run here) and refuses other settings
     assert main(args + ["--resume"]) == 0
