@@ -112,9 +112,12 @@ def _add_aggregation(bench: argparse._SubParsersAction) -> None:
     agg.add_argument("--seq-len", type=int, default=32)
     agg.add_argument("--lr", type=float, default=3e-3)
     agg.add_argument("--rank", type=int, default=8)
-    agg.add_argument("--eval-examples", type=int, default=2, help="held-out windows per client per round")
+    agg.add_argument("--eval-examples", type=int, default=8, help="held-out windows per client per round")
     agg.add_argument("--client-model", default="target", choices=["target", "draft"])
     agg.add_argument("--json", default=default_output("bench-aggregation", "bench-aggregation.json"))
+    agg.add_argument("--resume", action="store_true",
+                     help="reuse the (partition, seed) runs of --json's partial file (or the report itself) made "
+                          "with the same settings: continue a killed grid, or add a partition to a report")
     agg.set_defaults(func=run_lazily("fedge.simulations.bench_aggregation", output_files=("json",)))
 
 

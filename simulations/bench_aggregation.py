@@ -46,7 +46,7 @@ class AggregationBench:
     seq_len: int = 32
     lr: float = 3e-3
     rank: int = 8
-    eval_examples: int = 2  # held-out windows per client, every client, every round
+    eval_examples: int = 8  # held-out windows per client, every client, every round
     client_model: str = "target"
 
     def __post_init__(self) -> None:
@@ -78,7 +78,19 @@ def _run_record(config: FederatedConfig, result, wall_s: float) -> dict:
             "perplexity_per_round": [r["global_perplexity"] for r in records],
             "bytes_up_per_client_round": per_round("bytes_up_per_client"),
             "bytes_down_per_client_round": per_round("bytes_down_per_client"),
-            "rejected": sum(len(r.get("rejected", [])) for r in trained), "wall_s": wall_s}
+            "rejected": sum(len(r.get("rejected", [])) for r in trained), "wall_s": wall_s,
+            # ||aggregated - exact mean of the clients' B_k A_k changes|| / ||exact||, per round (0 for exact methods)
+            "aggregation_error_per_round": [r.get("aggregation_error") for r in trained],
+            # the round's clients' own freshly trained adapters on their own held-out text, vs the global loss:
+            # local training that helps while the aggregate does not points at the aggregation
+            "personal_loss_per_round": [statistics.fmean(r["personal_loss"].values()) if r.get("personal_loss")
+                                        else None for r in trained],
+            "global_loss_per_round": [r["global_loss"] for r in records]}
+
+
+def _mean_error(runs: list[dict]) -> float | None:
+    errors = [e for r in runs for e in r.get("aggregation_error_per_round", []) if e is not None]
+    return statistics.fmean(errors) if errors else None
 
 
 def _progress(console, partition: str, seed: int, method: str, record: dict, rounds: int) -> None:
@@ -131,7 +143,8 @@ def summarise(runs: list[dict], bench: AggregationBench) -> list[dict]:
                    "final_perplexity": _spread([r["final_perplexity"] for r in mine]),
                    "initial_perplexity": statistics.fmean(r["initial_perplexity"] for r in mine),
                    "bytes_up_per_client_round": statistics.fmean(r["bytes_up_per_client_round"] for r in mine),
-                   "bytes_down_per_client_round": statistics.fmean(r["bytes_down_per_client_round"] for r in mine)}
+                   "bytes_down_per_client_round": statistics.fmean(r["bytes_down_per_client_round"] for r in mine),
+                   "aggregation_error": _mean_error(mine)}
             paired = [by[method, s]["final_perplexity"] - by["fedavg", s]["final_perplexity"]
                       for s in bench.seeds if (method, s) in by and ("fedavg", s) in by]
             row["vs_fedavg"] = _spread(paired) if paired else None
@@ -150,12 +163,34 @@ def best_per_partition(rows: list[dict]) -> dict[str, str]:
     return {p: r["method"] for p, r in out.items()}
 
 
-def run(bench: AggregationBench, console, partial: Path | None = None) -> dict:
-    """The whole grid; with `partial`, the runs so far are written there after each simulation."""
+def reusable_runs(bench: AggregationBench, paths: list[Path]) -> list[dict]:
+    """Runs of an earlier report or partial file (the first of `paths` that exists) made with the same
+    settings, partitions and seeds aside: a killed grid continues, and partitions run one at a time
+    end up in one report."""
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return []
+    earlier = json.loads(path.read_text())
+
+    def key(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ("partitions", "seeds")}
+
+    if key(earlier["settings"]) != key(json.loads(json.dumps(asdict(bench), default=str))):
+        raise ValueError(f"--resume: {path} was made with other settings; give another --json")
+    return [r for r in earlier["runs"] if r["partition"] in bench.partitions and r["seed"] in bench.seeds]
+
+
+def run(bench: AggregationBench, console, partial: Path | None = None, reuse: list[dict] = ()) -> dict:
+    """The whole grid; with `partial`, the runs so far are written there after each simulation; the
+    (partition, seed) pairs of `reuse` (earlier runs of the same settings) are not run again."""
     start = time.perf_counter()
-    runs = []
+    runs = list(reuse)
+    done = {(r["partition"], r["seed"]) for r in runs}
     for partition in bench.partitions:
         for seed in bench.seeds:
+            if (partition, seed) in done:
+                console.print(f"{partition}, seed {seed}: reused from the earlier report")
+                continue
             runs += run_partition_seed(bench, partition, seed, console)
             if partial is not None:
                 partial.write_text(json.dumps({"settings": asdict(bench), "runs": runs}, indent=1, default=str))
@@ -178,13 +213,14 @@ def table(report: dict):
     t = Table(title=f"exact vs naive LoRA aggregation ({s['model']}, {s['rounds']} rounds, {s['clients']} clients, "
                     f"{s['clients_per_round']}/round x {s['steps']} steps, {len(s['seeds'])} seeds)")
     for col in ("partition", "method", "final ppl mean +- std", "min-max", "vs fedavg (paired)", "best in",
-                "bytes up/client/round", "bytes down/client/round"):
+                "agg. error", "bytes up/client/round", "bytes down/client/round"):
         t.add_column(col, justify="right")
     for r in report["summary"]:
-        f, d = r["final_perplexity"], r["vs_fedavg"]
+        f, d, err = r["final_perplexity"], r["vs_fedavg"], r.get("aggregation_error")
         t.add_row(r["partition"], r["method"], f"{f['mean']:.3f} +- {f['std']:.3f}", f"{f['min']:.3f}-{f['max']:.3f}",
                   "-" if d is None or r["method"] == "fedavg" else f"{d['mean']:+.3f} +- {d['std']:.3f}",
-                  f"{r['wins']}/{f['n']}", _kb(r["bytes_up_per_client_round"]), _kb(r["bytes_down_per_client_round"]))
+                  f"{r['wins']}/{f['n']}", "-" if err is None else f"{err:.1e}",
+                  _kb(r["bytes_up_per_client_round"]), _kb(r["bytes_down_per_client_round"]))
     return t
 
 
@@ -200,15 +236,17 @@ def plot(report: dict, path: Path) -> None:
                              squeeze=False)
     for ax, partition in zip(axes[0], settings["partitions"], strict=True):
         for method in settings["methods"]:
-            curves = np.array([r["perplexity_per_round"] for r in report["runs"]
-                               if r["partition"] == partition and r["method"] == method])
+            # relative to the seed's own start: seeds differ in their held-out text, methods of a seed do not
+            curves = np.array([np.array(r["perplexity_per_round"]) / r["perplexity_per_round"][0] - 1
+                               for r in report["runs"] if r["partition"] == partition and r["method"] == method])
             if curves.size == 0:
                 continue
             x = np.arange(curves.shape[1])
-            line, = ax.plot(x, curves.mean(axis=0), label=method)
-            ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
+            line, = ax.plot(x, 100 * curves.mean(axis=0), label=method)
+            ax.fill_between(x, 100 * curves.min(axis=0), 100 * curves.max(axis=0), color=line.get_color(),
+                            alpha=0.15)
         ax.set(title=f"{partition} (mean, min-max over {len(settings['seeds'])} seeds)", xlabel="round",
-               ylabel="global held-out perplexity")
+               ylabel="global held-out perplexity vs round 0 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -233,7 +271,9 @@ def main(args: argparse.Namespace) -> int:
             eval_examples=args.eval_examples, client_model=args.client_model)
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        report = run(bench, console, partial=path.with_suffix(".partial.json"))
+        partial = path.with_suffix(".partial.json")
+        reuse = reusable_runs(bench, [partial, path]) if args.resume else []
+        report = run(bench, console, partial=partial, reuse=reuse)
     except ValueError as exc:
         print(f"fedge: {exc}", file=sys.stderr)
         return 2

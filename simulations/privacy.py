@@ -57,14 +57,16 @@ class DPExperiment:
     clients: int = 5  # every client takes part in every round (the accountant charges q = 1 anyway)
     rounds: int = 3
     steps: int = 6
-    batch_size: int = 2
+    batch_size: int = 4
     seq_len: int = 64
     lr: float = 2e-2
     rank: int = 8
     targets: str = "q_proj,k_proj,v_proj,o_proj"
-    examples_per_client: int = 8  # short documents (one training window each): the members
-    nonmembers_per_client: int = 8  # documents of the same families nobody trains on
-    doc_chars: int = 240
+    # members: short documents, each within one training window with the canary line on top (120 characters
+    # are about 33 tokens); their number sets how tight the attack AUC is (95% half-width ~0.06 at chance)
+    examples_per_client: int = 32
+    nonmembers_per_client: int = 48  # documents of the same families nobody trains on (cheap: scored only)
+    doc_chars: int = 120
     canary_repeats: int = 6
     candidates: int = 255  # random secrets the canary is ranked among (max exposure log2(256) = 8 bits)
     client_model: str = "target"  # what clients train on (the int4 draft is ~1.6x slower per step on CPU)
@@ -148,37 +150,49 @@ class _Attacks:
         self.evaluator = AdaptedModel(config.model, config.adapter_spec)
         self.tok, self.pad_id, self.data = self.evaluator.tokenizer, pad_token_id(self.evaluator.tokenizer), data
         self.init = self.evaluator.get_state()
-        members = [ex for c in corpus.clients for ex in c.train]  # exactly what the clients train on
+        trained = [ex for c in corpus.clients for ex in c.train]  # exactly what the clients train on
+        # the canary's documents open with a secret line that no non-member has: an attack could tell them
+        # apart by that line alone, so they are scored beside the members, not as members
+        topped = [ex for ex in trained if ex.text.startswith(data.canary)]
+        if not topped:
+            raise ValueError("every canary document was held out of training; use another --seed")
+        members = [ex for ex in trained if not ex.text.startswith(data.canary)]
         nonmembers = [ex.text for c in corpus.clients for ex in c.heldout] + [t for ts in data.nonmembers.values()
                                                                                for t in ts]
         self.members = eval_windows(members, self.tok, len(members), config.seq_len)
+        self.canary_docs = eval_windows(topped, self.tok, len(topped), config.seq_len)
         self.nonmembers = [w for w in (self.tok(t, add_special_tokens=False)["input_ids"][:config.seq_len]
                                        for t in nonmembers) if len(w) >= 2]
-        trained = next(c for c in corpus.clients if c.name == data.canary_client).train
-        self.canary_copies = sum(ex.text.startswith(data.canary) for ex in trained)
-        if self.canary_copies == 0:
-            raise ValueError("every canary document was held out of training; use another --seed")
+        self.canary_copies, self.trained_docs = len(topped), len(trained)
         self.reference = self.losses(self.init)
 
-    def losses(self, state) -> tuple[list[float], list[float]]:
+    def losses(self, state) -> tuple[list[float], list[float], list[float]]:
+        """Per-window mean loss of (members, non-members, canary documents) under `state`."""
         self.evaluator.set_state(state)
-        model = self.evaluator.model
-        return per_window_losses(model, self.members, self.pad_id), per_window_losses(model, self.nonmembers,
-                                                                                    self.pad_id)
+        windows = self.members + self.nonmembers + self.canary_docs
+        out = per_window_losses(self.evaluator.model, windows, self.pad_id)
+        m, n = len(self.members), len(self.nonmembers)
+        return out[:m], out[m:m + n], out[m + n:]
 
     def measure(self, state) -> dict:
-        member_loss, nonmember_loss = self.losses(state)
-        ref_members, ref_nonmembers = self.reference
+        member_loss, nonmember_loss, canary_loss = self.losses(state)
+        ref_members, ref_nonmembers, ref_canary = self.reference
         heldout_loss = float(np.mean(nonmember_loss))
         auc_loss = roc_auc([-x for x in member_loss], [-x for x in nonmember_loss])
-        auc_ref = roc_auc([r - x for x, r in zip(member_loss, ref_members, strict=True)],
-                          [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)])
+        member_ref = [r - x for x, r in zip(member_loss, ref_members, strict=True)]
+        nonmember_ref = [r - x for x, r in zip(nonmember_loss, ref_nonmembers, strict=True)]
+        auc_ref = roc_auc(member_ref, nonmember_ref)
         m, n = len(member_loss), len(nonmember_loss)
+        # the earlier design: the canary's documents counted as members too (their secret line is a confounder)
+        with_canary = roc_auc(member_ref + [r - x for x, r in zip(canary_loss, ref_canary, strict=True)],
+                              nonmember_ref)
         return {
             "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
             "member_loss": float(np.mean(member_loss)),
             "mia_auc_loss": auc_loss, "mia_auc_loss_ci95": auc_halfwidth(auc_loss, m, n),
             "mia_auc_reference": auc_ref, "mia_auc_reference_ci95": auc_halfwidth(auc_ref, m, n),
+            "mia_auc_reference_with_canary_docs": with_canary,
+            "mia_scores_reference": {"members": member_ref, "nonmembers": nonmember_ref},
             **{f"canary_{k}": v for k, v in self.canary(state).items()},
         }
 
@@ -232,11 +246,14 @@ def run_dp_experiment(experiment: DPExperiment) -> dict:
 
     def body(grid, nodes):
         attacks = _Attacks(config, corpus, data)
-        init = {"heldout_perplexity": math.exp(float(np.mean(attacks.reference[1]))),
+        ref_members, ref_nonmembers, _ = attacks.reference
+        init = {"heldout_perplexity": math.exp(float(np.mean(ref_nonmembers))),
+                # the loss attack on the untrained model: how much harder the members are to begin with
+                "mia_auc_loss": roc_auc([-x for x in ref_members], [-x for x in ref_nonmembers]),
                 **{f"canary_{k}": v for k, v in attacks.canary(attacks.init).items()}}
         rows = [_dp_row(experiment, eps, grid, config, nodes, attacks) for eps in experiment.epsilons]
         return {"rows": rows, "init": init, "members": len(attacks.members), "nonmembers": len(attacks.nonmembers),
-                "canary_copies_trained": attacks.canary_copies}
+                "canary_copies_trained": attacks.canary_copies, "trained_docs": attacks.trained_docs}
 
     start = time.perf_counter()
     result = simulate_private(config, body)

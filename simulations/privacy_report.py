@@ -82,12 +82,15 @@ def print_dp(report: dict) -> None:
     cfg = report["config"]
     table = Table(title=f"client-level DP + secure aggregation ({cfg['model']}, {cfg['num_clients']} clients, "
                         f"{cfg['rounds']} rounds x {cfg['steps']} steps, q=1, delta={report['delta']}; "
-                        f"{report['members']} member / {report['nonmembers']} non-member docs)")
+                        f"{report['members']} member / {report['nonmembers']} non-member docs; the "
+                        f"{report['canary_copies_trained']} canary docs apart)")
     for col in ("epsilon", "sigma", "clip", "eps spent", "held-out ppl", "ppl cost", "MIA AUC loss (95% CI)",
                 "MIA AUC ref (95% CI)", "canary exposure (rank)", "exposure (extrap.)"):
         table.add_column(col, justify="right")
     init = report["init"]
-    table.add_row("(before)", "", "", "", f"{init['heldout_perplexity']:.2f}", "", "", "",
+    base_auc = init.get("mia_auc_loss")
+    table.add_row("(before)", "", "", "", f"{init['heldout_perplexity']:.2f}", "",
+                  "" if base_auc is None else f"{base_auc:.3f}", "",
                   f"{init['canary_exposure']:.2f}", f"{init['canary_exposure_extrapolated']:.1f}")
     for r in report["rows"]:
         table.add_row(_eps(r["epsilon"]), f"{r['noise_multiplier']:.2f}",

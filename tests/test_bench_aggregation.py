@@ -31,13 +31,23 @@ def test_summary_is_paired_by_seed():
 
 def test_bench_aggregation_cli_tiny(tmp_path):
     out = tmp_path / "agg.json"
-    rc = main(["bench", "aggregation", "--model", "tiny-random-llama", "--methods", "fedavg,ffa", "--seeds", "0",
-               "--partitions", "natural", "--rounds", "2", "--clients", "3", "--steps", "1", "--json", str(out)])
-    assert rc == 0
+    args = ["bench", "aggregation", "--model", "tiny-random-llama", "--methods", "fedavg,ffa", "--seeds", "0",
+            "--partitions", "natural", "--rounds", "2", "--clients", "3", "--steps", "1", "--json", str(out)]
+    assert main(args) == 0
     report = json.loads(out.read_text())
     runs = {r["method"]: r for r in report["runs"]}
     assert set(runs) == {"fedavg", "ffa"} and all(len(r["perplexity_per_round"]) == 3 for r in runs.values())
     # FFA trains (and sends) B only; FedAvg sends A and B
     assert 0 < runs["ffa"]["bytes_up_per_client_round"] < runs["fedavg"]["bytes_up_per_client_round"]
     assert all(r["bytes_down_per_client_round"] > 0 and r["rejected"] == 0 for r in runs.values())
+    # FFA is exact (A frozen: the mean of B is the mean product); FedAvg of the factors is not
+    assert all(e == pytest.approx(0, abs=1e-6) for e in runs["ffa"]["aggregation_error_per_round"])
+    assert all(e > 0 for e in runs["fedavg"]["aggregation_error_per_round"][1:])
+    assert all(len(r["global_loss_per_round"]) == 3 and len(r["personal_loss_per_round"]) == 2
+               and None not in r["personal_loss_per_round"] for r in runs.values())
     assert report["best"]["natural"] in ("fedavg", "ffa") and out.with_suffix(".png").stat().st_size > 0
+    # --resume reuses the runs of the same settings (nothing left to run here) and refuses other settings
+    assert main(args + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["runs"] == report["runs"]
+    assert main(args[:-2] + ["--lr", "1e-2", "--json", str(out), "--resume"]) == 2

@@ -59,7 +59,13 @@ def test_privacy_dp_cli_tiny(tmp_path):
     assert 0 < dp["epsilon_spent"] <= 2 and dp["noise_multiplier"] > 1 and dp["clip_norm"] == 0.01
     assert all(r["rounds_run"] == 1 and r["survivors"] == [3] for r in report["rows"])
     assert report["members"] > 0 and report["nonmembers"] > 0 and report["canary_copies_trained"] >= 1
+    # the canary's documents (a secret line no non-member has) are scored apart from the members
+    assert report["members"] + report["canary_copies_trained"] == report["trained_docs"]
     for r in report["rows"]:
         assert 0 <= r["mia_auc_loss"] <= 1 and 0 <= r["mia_auc_reference"] <= 1
         assert r["canary_candidates"] == 16 and math.isfinite(r["heldout_perplexity"])
+        scores = r["mia_scores_reference"]
+        assert len(scores["members"]) == report["members"] and len(scores["nonmembers"]) == report["nonmembers"]
+        assert 0 <= r["mia_auc_reference_with_canary_docs"] <= 1
+    assert 0 <= report["init"]["mia_auc_loss"] <= 1
     assert out.with_suffix(".png").stat().st_size > 0
