@@ -97,15 +97,17 @@ def int4_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_fe
 
 
 def int8_input_grad(grad_out: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
-                    rows_per_block: int = 8192) -> torch.Tensor:
+                    rows_per_block: int = 2048) -> torch.Tensor:
     """grad_out @ (w_int8 * scales[:, None]) in fp32, a block of output rows at a time.
 
-    The scale is per output row, so it folds into grad_out; only an fp32 copy of one block of int8
-    rows exists at a time (the tied head of the default model is 49152 x 576: 113 MB if whole).
+    The scale is per output row, so it folds into that block's columns of grad_out; only an fp32
+    copy of one block of int8 rows and of grad_out's matching columns exist at a time (the tied head
+    of the default model is 49152 x 576: 113 MB if whole; a block of 2048 rows is 4.7 MB, and
+    grad_out's block at 128 tokens 1 MB).
     """
-    scaled = grad_out.float() * scales.float()
     grad_in = torch.zeros(grad_out.shape[0], weight_int8.shape[1], dtype=torch.float32)
     for start in range(0, weight_int8.shape[0], rows_per_block):
         stop = start + rows_per_block
-        grad_in.addmm_(scaled[:, start:stop], weight_int8[start:stop].float())
+        scaled = grad_out[:, start:stop].float() * scales[start:stop].float()
+        grad_in.addmm_(scaled, weight_int8[start:stop].float())
     return grad_in
