@@ -158,31 +158,82 @@ def load_draft(path: str | Path, check_target=None, float_dtype: torch.dtype = C
         raise DraftError(f"{path} was derived from another target (fingerprint {info.target_fingerprint})")
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    state = load_file(str(path / "draft.safetensors"))
     if info.quant == "none":
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(load_file(str(path / "draft.safetensors")), strict=False)
         model.tie_weights()
     else:
-        with torch.device("meta"):  # no float copy of the weights the packed layers replace (peak memory)
-            model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
+        model = _quantized_skeleton(config, info, float_dtype)
+        # the tensors read from the file become the model's: one copy of the draft, ever (peak memory)
+        state = read_safetensors(path / "draft.safetensors")
+        state = {k: v.to(_skeleton_dtype(model, k, v.dtype)) for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("inv_freq")]
+        if missing or unexpected:
+            raise DraftError(f"{path}: draft file does not match its config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        _rebuild_rotary(model)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise DraftError(f"{path}: draft file lacks {left[:3]}")
+    model.eval()
+    return model, tokenizer, info
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
+                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read into fresh tensors with plain reads, not mmap.
+
+    `safetensors.torch.load_file` maps the file and hands out tensors over the mapping: the file's
+    pages then count in the process's resident memory, copying them into the model doubles the
+    draft for a moment, and keeping them as the model's buffers is unsafe (the packed ops need
+    64-byte aligned buffers, which the file's offsets do not guarantee).
+    """
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        start = f.tell()
+        header.pop("__metadata__", None)
+        state = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise DraftError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            f.seek(start + begin)
+            if tensor.numel() and f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise DraftError(f"{path}: tensor {name} is cut short")
+            state[name] = tensor
+    return state
+
+
+def _quantized_skeleton(config, info: DraftInfo, float_dtype: torch.dtype) -> nn.Module:
+    """The draft's modules on the meta device (no storage): packed linears, int8 head, tied embedding."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
         for name in _linear_names(model):
             parent_name, child = name.rsplit(".", 1)
             old = model.get_submodule(name)
             setattr(model.get_submodule(parent_name), child,
                     empty_quantized_linear(old.in_features, old.out_features, info.quant, info.group_size))
         head = Int8Linear(config.hidden_size, config.vocab_size)
-        model.lm_head = head
-        model.model.embed_tokens = QuantizedEmbedding(head, float_dtype)
-        model.to_empty(device="cpu")  # the norms, filled from the file next, and the rotary buffers
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("inv_freq")]
-        if missing or unexpected:
-            raise DraftError(f"{path}: draft file does not match its config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        _rebuild_rotary(model)
-    model.eval()
-    return model, tokenizer, info
+    model.lm_head = head
+    model.model.embed_tokens = QuantizedEmbedding(head, float_dtype)
+    return model
+
+
+def _skeleton_dtype(model: nn.Module, key: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype the skeleton gives `key` (float parts in the caller's dtype, packed parts as stored);
+    a key it lacks keeps its stored dtype (and is reported as unexpected by the load)."""
+    module_name, _, leaf = key.rpartition(".")
+    try:
+        return getattr(model.get_submodule(module_name), leaf).dtype
+    except AttributeError:
+        return stored
 
 
 def _rebuild_rotary(model: nn.Module) -> None:

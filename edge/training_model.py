@@ -19,11 +19,14 @@ atomic rename, so concurrent clients on one machine neither race nor build it tw
 Evaluation stays on the target as served: `served_model` gives the fp32 target with the same
 adapter layout (the same object when the client trains the target).
 
-Memory: a training step allocates and frees buffers of a few MB to ~50 MB (a chunk of logits, a
-layer's rebuilt weight). glibc raises its mmap threshold to the largest freed block (up to 32 MB), after
-which such buffers come from the heap and are never given back, so a client's resident memory grows
-by hundreds of MB over the first steps. `release_freed_buffers` pins the threshold at 1 MB (process-wide) when
-a training model loads, for every training client (draft or target alike).
+Memory: a training step allocates and frees many tensors of 0.1-1 MB (a layer's activations at batch
+2 x 128 are 192-576 KB) and a few of ~25 MB (a chunk of logits). glibc serves blocks under its mmap
+threshold from the heap, which only shrinks from the top; the threshold starts at 128 KB but rises to
+the largest block freed (up to 32 MB), after which the step's tensors land in a heap that fragments:
+the int4 draft's client grew its heap by ~250 MB in its first step with under 25 MB of it in use.
+`release_freed_buffers` pins the threshold at glibc's initial 128 KB (process-wide) when a training
+model loads, for every training client (draft or target alike): such blocks are mapped per tensor and
+given back when freed.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def load_training_model(model_name: str, spec: AdapterSpec, client_model: str = 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def release_freed_buffers(threshold_bytes: int = 1 << 20) -> bool:
+def release_freed_buffers(threshold_bytes: int = 128 << 10) -> bool:
     """Serve allocations above `threshold_bytes` by mmap, so freeing them returns the memory (glibc only)."""
     try:
         libc = ctypes.CDLL(None)

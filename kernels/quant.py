@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedge.kernels.quant_autograd import int4_dequantize, int8_input_grad, packed_linear
-
-COMPUTE_DTYPE = torch.bfloat16
+from fedge.kernels.quant_autograd import COMPUTE_DTYPE, int4_dequantize, int8_input_grad, packed_linear
 
 
 class Int8Linear(nn.Module):
     """y = x @ (w_int8 * scale[:, None]).T, per-output-row scales."""
+
+    OUT_BLOCK = 4096  # outputs per packed call when the result is wanted in another dtype than bf16
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -52,11 +52,18 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
-    def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        if flat.device.type == "cpu":
-            return torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        # no packed op off the CPU here; the Triton kernel covers CUDA
-        return flat @ (self.weight_int8.to(COMPUTE_DTYPE) * self.scales[:, None]).T
+    def packed_matmul(self, flat: torch.Tensor, out_dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+        """flat (bf16) @ W.T in `out_dtype`. A wide layer (the tied head: 49152 outputs) writes blocks
+        of outputs into one `out_dtype` buffer, so a chunk of logits never exists in bf16 and fp32 at once."""
+        if flat.device.type != "cpu":  # no packed op off the CPU here; the Triton kernel covers CUDA
+            return (flat @ (self.weight_int8.to(COMPUTE_DTYPE) * self.scales[:, None]).T).to(out_dtype)
+        if out_dtype == flat.dtype or self.out_features <= self.OUT_BLOCK:
+            return torch._weight_int8pack_mm(flat, self.weight_int8, self.scales).to(out_dtype)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=out_dtype)
+        for start in range(0, self.out_features, self.OUT_BLOCK):
+            stop = start + self.OUT_BLOCK
+            out[:, start:stop] = torch._weight_int8pack_mm(flat, self.weight_int8[start:stop], self.scales[start:stop])
+        return out
 
     def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
         """grad_out @ W in fp32, for the backward through the frozen weight."""
@@ -64,8 +71,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = packed_linear(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self)
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return packed_linear(x.reshape(-1, shape[-1]), self).reshape(*shape[:-1], self.out_features)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of the de-quantised weight: the tied embedding lookup."""
@@ -118,8 +124,10 @@ class Int4Linear(nn.Module):
         return int4_dequantize(self.weight_int4, self.scales_and_zeros, self.out_features,
                                self.in_features, self.group_size)
 
-    def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+    def packed_matmul(self, flat: torch.Tensor, out_dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+        """flat (bf16) @ W.T, returned in `out_dtype`."""
+        return torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size,
+                                                 self.scales_and_zeros).to(out_dtype)
 
     def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
         """grad_out @ W in fp32; W is rebuilt for this call and freed after it."""
@@ -127,8 +135,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = packed_linear(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self)
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return packed_linear(x.reshape(-1, shape[-1]), self).reshape(*shape[:-1], self.out_features)
 
 
 class QuantizedEmbedding(nn.Module):

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import torch
 
+# what the packed CPU ops take activations in (their fast path; fp32 inputs are 10-30x slower)
+COMPUTE_DTYPE = torch.bfloat16
+
 # (out_features, in_features) -> for each code of the row-major [N, K] matrix, its nibble position
 # in the packed buffer read as [byte0.lo, byte0.hi, byte1.lo, ...]. int32: 4 bytes per weight per
 # distinct shape (a handful of shapes per model).
@@ -27,24 +30,26 @@ _INT4_UNPACK_INDEX: dict[tuple[int, int], torch.Tensor] = {}
 
 
 class PackedLinearFunction(torch.autograd.Function):
-    """y = layer.packed_matmul(x); dy/dx through `layer.input_grad`; no gradient for the packed weight."""
+    """y = layer.packed_matmul(x) in x's dtype; dy/dx through `layer.input_grad`, in x's dtype; no
+    gradient for the packed weight. The bf16 cast of x happens inside, so the gradient never passes
+    through bf16 (autograd would round it at every layer) and no bf16 copy of it is made."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, layer) -> torch.Tensor:
-        ctx.layer = layer
-        return layer.packed_matmul(flat)
+        ctx.layer, ctx.dtype = layer, flat.dtype
+        return layer.packed_matmul(flat.to(COMPUTE_DTYPE), flat.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_in = ctx.layer.input_grad(grad_out)
-        return grad_in.to(grad_out.dtype), None
+        return ctx.layer.input_grad(grad_out).to(ctx.dtype), None
 
 
 def packed_linear(flat: torch.Tensor, layer) -> torch.Tensor:
-    """The packed matmul, differentiable wrt `flat` only when autograd will need it."""
+    """The packed matmul of a 2-D input (bf16 inside), output in the input's dtype, differentiable wrt
+    `flat` only when autograd will need it."""
     if torch.is_grad_enabled() and flat.requires_grad:
         return PackedLinearFunction.apply(flat, layer)
-    return layer.packed_matmul(flat)
+    return layer.packed_matmul(flat.to(COMPUTE_DTYPE), flat.dtype)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -97,15 +102,17 @@ def int4_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_fe
 
 
 def int8_input_grad(grad_out: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
-                    rows_per_block: int = 8192) -> torch.Tensor:
+                    rows_per_block: int = 2048) -> torch.Tensor:
     """grad_out @ (w_int8 * scales[:, None]) in fp32, a block of output rows at a time.
 
-    The scale is per output row, so it folds into grad_out; only an fp32 copy of one block of int8
-    rows exists at a time (the tied head of the default model is 49152 x 576: 113 MB if whole).
+    The scale is per output row, so it folds into that block's columns of grad_out; only an fp32
+    copy of one block of int8 rows and of grad_out's matching columns exist at a time (the tied head
+    of the default model is 49152 x 576: 113 MB if whole; a block of 2048 rows is 4.7 MB, and
+    grad_out's block at 128 tokens 1 MB).
     """
-    scaled = grad_out.float() * scales.float()
     grad_in = torch.zeros(grad_out.shape[0], weight_int8.shape[1], dtype=torch.float32)
     for start in range(0, weight_int8.shape[0], rows_per_block):
         stop = start + rows_per_block
-        grad_in.addmm_(scaled[:, start:stop], weight_int8[start:stop].float())
+        scaled = grad_out[:, start:stop].float() * scales[start:stop].float()
+        grad_in.addmm_(scaled, weight_int8[start:stop].float())
     return grad_in

@@ -71,6 +71,7 @@ class TrainOutcome:
     peak_rss_mb: float
     rss_before_load_mb: float
     load_s: float
+    rss_after_load_mb: float = 0.0
     step_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
@@ -123,7 +124,8 @@ def train_job(job: TrainJob) -> TrainOutcome:
     start = time.perf_counter()
     client_model = "target" if job.variant == "target" else "draft"
     adapted = load_training_model(job.model, job.spec, client_model, quant=job.quant, keep_layers=job.keep_layers)
-    outcome = TrainOutcome(peak_rss_mb=0.0, rss_before_load_mb=before, load_s=time.perf_counter() - start)
+    outcome = TrainOutcome(peak_rss_mb=0.0, rss_before_load_mb=before, load_s=time.perf_counter() - start,
+                           rss_after_load_mb=_rss_mb())
     marks = [time.perf_counter()]
 
     def progress(step: int, loss: float) -> None:
@@ -269,6 +271,7 @@ def _summarise(outcomes: dict, losses: dict, accept: dict) -> dict:
             "step_s": step, "step_vs_target": step / target_step,
             "peak_rss_mb": outcome.peak_rss_mb, "rss_vs_target": outcome.peak_rss_mb / target.peak_rss_mb,
             "model_rss_mb": outcome.peak_rss_mb - outcome.rss_before_load_mb,
+            "rss_before_load_mb": outcome.rss_before_load_mb, "rss_after_load_mb": outcome.rss_after_load_mb,
             "model_rss_vs_target": ((outcome.peak_rss_mb - outcome.rss_before_load_mb)
                                     / (target.peak_rss_mb - target.rss_before_load_mb)),
             "load_s": outcome.load_s, "first_loss": outcome.losses[0], "last_loss": outcome.losses[-1],

@@ -77,3 +77,21 @@ def test_token_loss_sum_counts_only_labelled_positions():
                                                 ignore_index=-100, reduction="sum")
     assert count == int((labels[:, 1:] != -100).sum()) == 22 + 16 + 8
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cross_entropy_equals_torchs_and_reuses_its_logits():
+    from fedge.peft_methods.chunked_loss import IGNORE_INDEX, SumCrossEntropy
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(37, 301, generator=gen) * 4).requires_grad_(True)
+    targets = torch.randint(0, 301, (37,), generator=gen)
+    targets[[0, 5, 36]] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, logits)
+    x = logits.detach().clone().requires_grad_(True)
+    work = x * 1.0  # the logits the function may overwrite (nothing else keeps them)
+    total = SumCrossEntropy.apply(work, targets)
+    torch.testing.assert_close(total, ref.detach(), rtol=1e-6, atol=1e-4)
+    (total * 1.5).backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(x.grad[[0, 5, 36]], torch.zeros(3, 301))

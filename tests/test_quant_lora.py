@@ -71,9 +71,11 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_gradients_through_packed_layers_match_dequantised_fp32(quant):
-    make = {"int4": lambda w: Int4Linear.from_float(w, 32), "int8": Int8Linear.from_float}[quant]
+@pytest.mark.parametrize("quant", ["int4", "int8", "int8-blocks"])
+def test_gradients_through_packed_layers_match_dequantised_fp32(quant, monkeypatch):
+    if quant == "int8-blocks":  # the wide-layer path (the tied head): outputs written in ragged blocks
+        monkeypatch.setattr(Int8Linear, "OUT_BLOCK", 40)
+    make = {"int4": lambda w: Int4Linear.from_float(w, 32)}.get(quant, Int8Linear.from_float)
     packed = _TwoLayers(make(_weight(96, 64, seed=1)), make(_weight(64, 96, seed=2)))
     reference = _TwoLayers(_float_twin(packed.proj_in), _float_twin(packed.proj_out))
 
@@ -108,6 +110,16 @@ def test_inference_forward_is_the_bare_packed_op():
     bare = torch._weight_int4pack_mm_for_cpu(x.detach().bfloat16(), layer.weight_int4, 32, layer.scales_and_zeros)
     assert torch.equal(out, bare.float())
     assert torch.equal(layer(x).detach(), out)  # the autograd path computes the same forward
+
+
+def test_wide_int8_output_in_blocks_is_the_whole_packed_op(monkeypatch):
+    layer = Int8Linear.from_float(_weight(100, 64, seed=6))
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(8))
+    whole = torch._weight_int8pack_mm(x.bfloat16(), layer.weight_int8, layer.scales).float()
+    monkeypatch.setattr(Int8Linear, "OUT_BLOCK", 32)  # blocks of 32, 32, 32, 4
+    blocked = layer(x)
+    assert blocked.dtype == torch.float32 and torch.equal(blocked, whole)
+    assert torch.equal(layer(x.bfloat16()), whole.bfloat16())  # bf16 out: one packed call
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +252,24 @@ def test_draft_with_fp32_norms_computes_what_the_bf16_draft_does(int4_draft_dir)
         a, b = bf16(input_ids=ids).logits.float(), fp32(input_ids=ids).logits
     assert _relative_error(b, a) < 3e-2
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_draft_is_read_into_aligned_tensors_equal_to_the_file(int4_draft_dir):
+    """load_draft reads the file with plain reads (no mmap'd second copy); the packed ops need 64-byte
+    aligned buffers, which tensors handed out over a mapping of the file do not always have."""
+    from safetensors.torch import load_file
+
+    from fedge.edge.draft import load_draft, read_safetensors
+
+    file = int4_draft_dir / "draft.safetensors"
+    mapped, read = load_file(str(file)), read_safetensors(file)
+    assert mapped.keys() == read.keys()
+    for key, tensor in mapped.items():
+        assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor), key
+    draft, _, _ = load_draft(int4_draft_dir, float_dtype=torch.float32)
+    buffers = dict(draft.named_buffers())
+    packed = [k for k in buffers if k.endswith(("weight_int4", "weight_int8"))]
+    assert packed and all(buffers[k].data_ptr() % 64 == 0 for k in packed)
+    for key in packed:
+        assert torch.equal(buffers[key], mapped[key]), key
+    assert not any(t.is_meta for t in [*draft.parameters(), *buffers.values()])
