@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +55,12 @@ class FederationSpec:
     tls: bool = True
     auth: bool = True
     warm: bool = True  # ClientApp processes forked warm (fedge.edge.warm_superexec), not fresh interpreters
+    # with `warm`: the base model each device's SuperExec loads once, before its first fork ("" = none)
+    preload_model: str = ""
+    preload_client_model: str = "draft"  # or "target" (with a draft, the target is preloaded too)
+    # fedge.edge.supernode's idle poll (Flower 1.41's flower-supernode: a fixed 3 s; 0 = that one)
+    poll_interval: float = 0.25
+    heartbeat_interval: float | None = None  # seconds (10 to 1800); None = Flower's 30
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,7 +115,7 @@ class LocalFederation:
         bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. beside this interpreter
         # SuperExec (on the SuperLink and each SuperNode) looks for work every second by default
         return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")}
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")}
 
     def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
         log = (self.workdir / "logs" / log_name).open("ab")
@@ -149,8 +156,14 @@ class LocalFederation:
     def node_command(self, device_id: str, data: str, port: int) -> list[str]:
         """The SuperNode's command line; `port` is its Runtime API's (where its SuperExec connects)."""
         spec = self.spec
-        cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", self.address,
-               "--port", str(port), "--node-config", f'data="{data}" client="{device_id}"']
+        if spec.poll_interval or spec.heartbeat_interval:  # Flower's SuperNode with these intervals
+            cmd = [sys.executable, "-m", "fedge.edge.supernode", "--poll-interval", str(spec.poll_interval or 3)]
+            if spec.heartbeat_interval:
+                cmd += ["--heartbeat-interval", str(spec.heartbeat_interval)]
+        else:
+            cmd = [str(Path(sys.executable).parent / "flower-supernode")]
+        cmd += ["--superlink", self.address, "--port", str(port),
+                "--node-config", f'data="{data}" client="{device_id}"']
         cmd += ["--root-certificates", str(self.certs.ca_cert)] if spec.tls else ["--insecure"]
         if spec.auth:
             cmd += ["--auth-supernode-private-key", str(self.certs.supernode_key(device_id))]
@@ -165,10 +178,17 @@ class LocalFederation:
             cmd += ["--max-retries", str(max_retries)]
         node = self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
         if self.spec.warm:
-            self.executors[device_id] = self._spawn(
-                [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{self.spec.host}:{port}",
-                 "--insecure"], f"{device_id}.log")  # no --parent-pid: its watcher thread must not be forked
+            self.executors[device_id] = self._spawn(self.executor_command(port), f"{device_id}.log")
         return node
+
+    def executor_command(self, port: int) -> list[str]:
+        """The device's warm SuperExec (no --parent-pid: its watcher thread must not be forked)."""
+        spec = self.spec
+        cmd = [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{spec.host}:{port}",
+               "--insecure"]
+        if spec.preload_model:
+            cmd += ["--preload-model", spec.preload_model, "--preload-client-model", spec.preload_client_model]
+        return cmd
 
     def register(self, device_id: str) -> int:
         out = self._flwr_json(["supernode", "register", str(self.certs.supernode_public_key(device_id))], timeout=60)
@@ -292,16 +312,27 @@ class LocalFederation:
                               text=True, timeout=120)
         return done.stdout + done.stderr
 
-    def wait_run(self, run_id: int, timeout: float) -> str:
-        """Poll until the run is finished (its status, e.g. "finished:completed")."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(2.0)
-        raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status})")
+    def wait_run(self, run_id: int, timeout: float, check_every_s: float = 20.0) -> str:
+        """Wait until the run is finished; its status (e.g. "finished:completed").
 
+        Each `flwr ls` is a Python process start (seconds of CPU on a small machine), so this watches
+        the SuperLink's log for the end of the run's ServerApp task and asks `flwr ls` then, or every
+        `check_every_s` in case the line never comes."""
+        deadline, status, ended = time.time() + timeout, "unknown", re.compile(rf"Finished task \d+ of run {run_id}\b")
+        log, offset, tail, check_at = self.workdir / "logs" / "superlink.log", 0, "", time.time() + check_every_s
+        while time.time() < deadline:
+            with log.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            tail = tail[-200:] + chunk.decode(errors="replace")  # a line may span two reads
+            if ended.search(tail) or time.time() >= check_at:
+                status = self.run_status(run_id)
+                if status.startswith("finished"):
+                    return status
+                check_at = time.time() + check_every_s
+            time.sleep(0.5)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status})")
 
 def _signal(pid: int, sig: int) -> None:
     try:

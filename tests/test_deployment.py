@@ -37,7 +37,11 @@ def _device_files(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    fed = LocalFederation(FederationSpec(workdir=root / "fed", devices=3, device_data=_device_files(root)))
+    # each device's SuperExec preloads the tiny model the runs train; a 10 s heartbeat: a dead device is
+    # noticed in 20 s, not Flower's 60
+    fed = LocalFederation(FederationSpec(workdir=root / "fed", devices=3, device_data=_device_files(root),
+                                         preload_model="tiny-random-llama", preload_client_model="target",
+                                         heartbeat_interval=10))
     try:
         yield fed.start()
     finally:
@@ -166,11 +170,13 @@ def test_superlink_killed_mid_run_resumes_to_the_same_adapter(federation, secure
     config = reference | {"fedge.checkpoint-dir": str(tmp_path / "ckpt"), "fedge.publish-registry": ""}
     run_id = federation.submit(config)
     latest = tmp_path / "ckpt" / "latest"
-    deadline = time.time() + 600
+    deadline, check_at = time.time() + 600, time.time() + 30
     while not (latest.exists() and latest.read_text().strip() == "round-0001"):
-        assert time.time() < deadline and not federation.run_status(run_id).startswith("finished"), \
-            federation.run_log(run_id)[-3000:]
-        time.sleep(0.2)
+        assert time.time() < deadline, federation.run_log(run_id)[-3000:]
+        if time.time() > check_at:  # a `flwr ls` is a process start: not every poll
+            assert not federation.run_status(run_id).startswith("finished"), federation.run_log(run_id)[-3000:]
+            check_at = time.time() + 30
+        time.sleep(0.1)
     federation.restart_superlink()  # SIGKILL: the SuperLink and the ServerApp, in round 2
     assert latest.read_text().strip() == "round-0001"
     finished(federation, federation.submit(config | {"fedge.resume": True}))
@@ -239,3 +245,86 @@ def test_a_reply_for_another_round_is_refused_as_stale():
     stale = checked_reply(reply(2), sent)
     assert stale.has_error() and "stale update" in stale.error.reason
     assert stale.metadata.src_node_id == 7  # still the device's own reply: the strategy names who failed
+# appended into tests/test_deployment.py
+
+# A device's warm SuperExec with a preloaded model, as `python -m fedge.edge.warm_superexec` sets it up,
+# forking each message's process (`fork_task`, what its executor does) and running the device's own
+# train handler there on a real message. Each fork prints one JSON line.
+FORKS = r"""
+import json, os, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from fedge.edge import warm_superexec as w
+from fedge.edge import training_model as tm
+
+args = w.preload_parser().parse_args(["--preload-model", "tiny-random-llama", "--preload-client-model", "target"])
+w.warm_up()
+(key,) = w.preload(args)
+base = tm._PRELOADED[key][0]
+weight = base.model.layers[0].self_attn.q_proj.weight
+before = (weight.data_ptr(), float(weight.double().sum()))
+
+from fedge.cloud.federated_config import FederatedConfig
+from fedge.edge import federated_client as fc
+from fedge.peft_methods.lora_model import AdaptedModel
+
+def message(model):
+    config = FederatedConfig(model=model, client_model="target", rank=4, steps=2, batch_size=2, seq_len=32,
+                             eval_examples=1, lr=0.05).client_config()
+    config["server-round"] = 1
+    config = ConfigRecord(dict(config))
+    spec = fc.adapter_spec_from(config)
+    # the global adapter as the server sends it for FFA-LoRA: only lora_B (A is rebuilt from the seed)
+    state = {k: v.numpy() for k, v in AdaptedModel(model, spec).get_state().items() if "lora_B" in k}
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}), "config": config})
+    return Message(content=content, metadata=metadata)
+
+context = Context(run_id=1, node_id=1, node_config={"data": sys.argv[1], "client": "device-0"}, state=RecordDict(),
+                  run_config={})
+messages = {m: message(m) for m in ("tiny-random-llama", "tiny-random-llama-small-vocab")}
+
+def one(model, forget_preloaded=False):
+    if forget_preloaded:  # as a process without a preloaded base
+        tm._PRELOADED.clear()
+    reply = fc.train(messages[model], context)
+    adapted = fc._training_model(messages[model].content["config"])
+    child = adapted.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    print(json.dumps({"model": model, "preloaded": tm.built_on_preloaded(adapted),
+                      "same_memory": child.data_ptr() == before[0],
+                      "update": {k: v.ravel().tolist() for k, v in sorted(update.items())}}), flush=True)
+
+for model, forget in (("tiny-random-llama", False), ("tiny-random-llama", False), ("tiny-random-llama", True),
+                      ("tiny-random-llama-small-vocab", False)):
+    pid = w.fork_task(lambda: one(model, forget))
+    assert os.waitpid(pid, 0)[1] == 0
+# the parent's base: untouched by what its forks trained (no adapter layers, same weights)
+assert not any("lora" in name for name, _ in base.named_modules())
+assert (weight.data_ptr(), float(weight.double().sum())) == before
+print("parent ok", flush=True)
+"""
+
+
+def test_forks_of_a_preloading_superexec_share_its_model_and_keep_no_adapter_state(tmp_path):
+    """Each message's process starts from the device's preloaded base (the same memory, not a reload) and
+    from nothing else: two forks given the same message reply the same update, equal to a fork that
+    loads the model itself; a run asking for another model loads it in its fork; the parent is untouched."""
+    import os
+    import sys
+
+    import numpy as np
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", FORKS, _device_files(tmp_path)[0]], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "parent ok"
+    first, again, loaded, other = (json.loads(line) for line in lines if line.startswith("{"))
+    assert first["preloaded"] and first["same_memory"] and again["preloaded"] and again["same_memory"]
+    assert not loaded["preloaded"] and not loaded["same_memory"]
+    assert other["model"] == "tiny-random-llama-small-vocab" and not other["preloaded"]
+    assert any(np.abs(v).max() > 0 for v in first["update"].values())  # it trained
+    assert first["update"] == again["update"] == loaded["update"]  # bit for bit: nothing carried over
