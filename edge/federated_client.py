@@ -99,6 +99,13 @@ def local_data(context: Context):
     return name, pid, client
 
 
+def preload_data(node_config: dict) -> str:
+    """Read this device's data (as its node config names it) into this process's cache, so that the
+    ClientApp processes it forks next find it there (fedge.edge.warm_superexec --preload-node-config)."""
+    context = Context(run_id=0, node_id=0, node_config=node_config, state=RecordDict(), run_config={})
+    return local_data(context)[0]
+
+
 def _seed_id(name: str, pid: int) -> int:
     return pid if pid >= 0 else zlib.crc32(name.encode())
 

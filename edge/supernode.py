@@ -1,4 +1,4 @@
-"""`flower-supernode` with two of its intervals set: the idle poll and the heartbeat. Nothing else changes.
+"""`flower-supernode` with its waits set: the idle poll, the heartbeat, the object-pull back-off. Nothing else.
 
 Flower 1.41's SuperNode loop (`flwr.supernode.start_client_internal`) asks the SuperLink for a
 message and, when there is none, sleeps a fixed 3 s; while its ClientApp runs it checks for the
@@ -14,7 +14,9 @@ intervals where Flower reads them:
 
 - `--poll-interval S` (default 0.25): the idle sleep, and the reply check at most S;
 - `--heartbeat-interval S` (default: Flower's 30; 10 to 1800): the interval the node announces and
-  sends heartbeats at (every (S - 5 s) x 0.7-0.9, Flower's formula).
+  sends heartbeats at (every (S - 5 s) x 0.7-0.9, Flower's formula);
+- the back-off when a message's contents are not on the SuperLink yet: 20 ms doubling to 0.5 s,
+  not 1 s doubling to 10 s (`fedge.flower_waits`).
 
     python -m fedge.edge.supernode --poll-interval 0.25 --heartbeat-interval 10 \\
         --superlink 10.0.0.1:9092 --root-certificates ca.crt --auth-supernode-private-key device.key \\
@@ -32,6 +34,8 @@ import ast
 import inspect
 import sys
 import time
+
+from fedge.flower_waits import shorten_object_pulls
 
 IDLE_SLEEP_S = 3  # Flower 1.41: `time.sleep(3)` after a pull that found no message
 REPLY_SLEEP_S = 0.5  # `time.sleep(0.5)` while waiting for the ClientApp's reply (and its contents)
@@ -81,6 +85,7 @@ def set_intervals(poll_interval: float, heartbeat_interval: float | None = None)
     if not 0.01 <= poll_interval <= IDLE_SLEEP_S:
         raise ValueError(f"--poll-interval must be between 0.01 and {IDLE_SLEEP_S} s, got {poll_interval}")
     check_flower_loop()
+    shorten_object_pulls()
     loop.time = LoopClock(poll_interval)
     if heartbeat_interval is not None:
         if not HEARTBEAT_MIN_INTERVAL <= heartbeat_interval <= HEARTBEAT_MAX_INTERVAL:

@@ -15,9 +15,11 @@ warm. Use it with `flower-supernode --isolation process`:
 
     flower-supernode ... --isolation process --port 9094 &
     python -m fedge.edge.warm_superexec --runtime-api-address 127.0.0.1:9094 --insecure \
-        --preload-model smollm2-135m-instruct --preload-client-model draft
+        --preload-model smollm2-135m-instruct --preload-client-model draft \
+        --preload-node-config 'data="jsonl:/data/notes.jsonl"'
 
-With `--preload-model` the device's models load here too, once, before the first fork: the base it
+With `--preload-node-config` (the SuperNode's own `--node-config`) the device's data is read here once,
+and with `--preload-model` its models load here too, once, before the first fork: the base it
 trains on (`--preload-client-model` draft or target, `--preload-draft-quant`, `--preload-draft-layers`)
 and, for a draft, the target it evaluates on (unless `--no-preload-target`). A fork shares them
 copy-on-write and wraps only its own adapter around its copy (`fedge.edge.training_model.preload_base`),
@@ -25,7 +27,8 @@ so what one message trains never reaches the parent or the next message; a run t
 model loads it in its fork, as without preloading. The parent stays single-threaded in torch
 (`torch.set_num_threads(1)` before loading: no OpenMP pool exists at a fork; a fork sets its own threads).
 What is loaded by then is frozen out of the garbage collector (`gc.freeze`), so a fork copies only
-the pages it writes.
+the pages it writes. A fork starts within a poll of its task, often before the SuperNode has
+downloaded the message's arrays; it retries after 20 ms, not Flower's 1 s (`fedge.flower_waits`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+
+from fedge.flower_waits import shorten_object_pulls
 
 # what a ClientApp message imports (fedge.edge.federated_client imports these lazily in its handlers)
 WARM_MODULES = ("torch", "transformers", "peft", "fedge.edge.federated_client", "fedge.edge.secagg_mods",
@@ -124,23 +129,33 @@ def preload_parser():
     parser.add_argument("--preload-draft-layers", type=int, default=0)
     parser.add_argument("--no-preload-target", action="store_true",
                         help="with a draft: do not preload the target (that evaluations run on)")
+    parser.add_argument("--preload-node-config", default="",
+                        help="the SuperNode's --node-config: read the device's data it names before the first fork")
     return parser
 
 
 def preload(args) -> list[tuple]:
-    """The device's bases, loaded in this process (see the module docstring); their keys."""
+    """The device's bases and data, loaded in this process (see the module docstring); what was loaded."""
+    loaded: list[tuple] = []
+    if args.preload_node_config:
+        from flwr.common.config import parse_config_args
+
+        from fedge.edge.federated_client import preload_data
+
+        node_config = parse_config_args([args.preload_node_config])
+        loaded.append(("data", node_config.get("data", ""), preload_data(node_config)))
     if not args.preload_model:
-        return []
+        return loaded
     import torch
 
     from fedge.edge.training_model import preload_base
 
     torch.set_num_threads(1)  # no OpenMP thread pool before a fork
-    keys = [preload_base(args.preload_model, args.preload_client_model, args.preload_draft_quant,
-                         args.preload_draft_layers or None)]
+    loaded.append(preload_base(args.preload_model, args.preload_client_model, args.preload_draft_quant,
+                               args.preload_draft_layers or None))
     if args.preload_client_model == "draft" and not args.no_preload_target:
-        keys.append(preload_base(args.preload_model, "target"))
-    return keys
+        loaded.append(preload_base(args.preload_model, "target"))
+    return loaded
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     warm_up()
     keys = preload(ours)
+    shorten_object_pulls()  # the forks fetch their message from the SuperNode (fedge.flower_waits)
     freeze_heap()
     print(f"fedge warm SuperExec: imports{' and preloaded ' + ', '.join(map(str, keys)) if keys else ''} in "
           f"{time.perf_counter() - start:.2f} s", flush=True)

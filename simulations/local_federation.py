@@ -113,9 +113,12 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. beside this interpreter
+        env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        # no usage reports from a local federation (Flower's telemetry: a thread and a wait at every exit)
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         # SuperExec (on the SuperLink and each SuperNode) looks for work every second by default
-        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")}
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        return env
 
     def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
         log = (self.workdir / "logs" / log_name).open("ab")
@@ -178,14 +181,16 @@ class LocalFederation:
             cmd += ["--max-retries", str(max_retries)]
         node = self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
         if self.spec.warm:
-            self.executors[device_id] = self._spawn(self.executor_command(port), f"{device_id}.log")
+            node_config = cmd[cmd.index("--node-config") + 1]
+            self.executors[device_id] = self._spawn(self.executor_command(port, node_config), f"{device_id}.log")
         return node
 
-    def executor_command(self, port: int) -> list[str]:
-        """The device's warm SuperExec (no --parent-pid: its watcher thread must not be forked)."""
+    def executor_command(self, port: int, node_config: str) -> list[str]:
+        """The device's warm SuperExec (no --parent-pid: its watcher thread must not be forked), which reads
+        the device's data (its node config) and, with `preload_model`, loads its model before forking."""
         spec = self.spec
         cmd = [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{spec.host}:{port}",
-               "--insecure"]
+               "--insecure", "--preload-node-config", node_config]
         if spec.preload_model:
             cmd += ["--preload-model", spec.preload_model, "--preload-client-model", spec.preload_client_model]
         return cmd

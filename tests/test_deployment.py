@@ -257,9 +257,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from fedge.edge import warm_superexec as w
 from fedge.edge import training_model as tm
 
-args = w.preload_parser().parse_args(["--preload-model", "tiny-random-llama", "--preload-client-model", "target"])
+args = w.preload_parser().parse_args(["--preload-model", "tiny-random-llama", "--preload-client-model", "target",
+                                      "--preload-node-config", f'data="{sys.argv[1]}" client="device-0"'])
 w.warm_up()
-(key,) = w.preload(args)
+(data, key) = w.preload(args)
+assert data == ("data", sys.argv[1], "device-0"), data
+from fedge.edge import federated_client as fc
+corpus = id(next(iter(fc._CORPORA.values())))
 base = tm._PRELOADED[key][0]
 weight = base.model.layers[0].self_attn.q_proj.weight
 before = (weight.data_ptr(), float(weight.double().sum()))
@@ -294,6 +298,7 @@ def one(model, forget_preloaded=False):
     update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     print(json.dumps({"model": model, "preloaded": tm.built_on_preloaded(adapted),
                       "same_memory": child.data_ptr() == before[0],
+                      "same_data": [id(c) for c in fc._CORPORA.values()] == [corpus],
                       "update": {k: v.ravel().tolist() for k, v in sorted(update.items())}}), flush=True)
 
 for model, forget in (("tiny-random-llama", False), ("tiny-random-llama", False), ("tiny-random-llama", True),
@@ -308,7 +313,7 @@ print("parent ok", flush=True)
 
 
 def test_forks_of_a_preloading_superexec_share_its_model_and_keep_no_adapter_state(tmp_path):
-    """Each message's process starts from the device's preloaded base (the same memory, not a reload) and
+    """Each message's process starts from the device's preloaded base and data (the same memory, not a reload) and
     from nothing else: two forks given the same message reply the same update, equal to a fork that
     loads the model itself; a run asking for another model loads it in its fork; the parent is untouched."""
     import os
@@ -324,6 +329,7 @@ def test_forks_of_a_preloading_superexec_share_its_model_and_keep_no_adapter_sta
     assert lines[-1] == "parent ok"
     first, again, loaded, other = (json.loads(line) for line in lines if line.startswith("{"))
     assert first["preloaded"] and first["same_memory"] and again["preloaded"] and again["same_memory"]
+    assert all(fork["same_data"] for fork in (first, again, loaded, other))  # the device's data: read once
     assert not loaded["preloaded"] and not loaded["same_memory"]
     assert other["model"] == "tiny-random-llama-small-vocab" and not other["preloaded"]
     assert any(np.abs(v).max() > 0 for v in first["update"].values())  # it trained
