@@ -120,9 +120,10 @@ class LocalFederation:
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
         return env
 
-    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = (self.workdir / "logs" / log_name).open("ab")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def device_ids(self) -> list[str]:
         return [f"device-{i}" for i in range(self.spec.devices)]
@@ -153,7 +154,8 @@ class LocalFederation:
             cmd.append("--insecure")
         if spec.auth:
             cmd.append("--enable-supernode-auth")
-        self.superlink = self._spawn(cmd, "superlink.log")
+        # its SuperExec starts only ServerApps (one per run): it need not poll the SuperLink 5 times a second
+        self.superlink = self._spawn(cmd, "superlink.log", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.5")
         self._flwr_json(["supernode", "ls"], timeout=120)  # up once it answers
 
     def node_command(self, device_id: str, data: str, port: int) -> list[str]:
@@ -213,9 +215,10 @@ class LocalFederation:
 
     def kill_node(self, device_id: str, sig: int = signal.SIGKILL) -> None:
         """The SuperNode and its SuperExec, with the ClientApp processes they started."""
+        procs = [self.nodes.pop(device_id)]
         if device_id in self.executors:
-            self._kill_tree(self.executors.pop(device_id), sig)
-        self._kill_tree(self.nodes.pop(device_id), sig)
+            procs.insert(0, self.executors.pop(device_id))
+        self._kill_trees(procs, sig)
 
     def restart_node(self, device_id: str, timeout: float = 240.0) -> subprocess.Popen:
         """Start a killed device again once the SuperLink has let its old session lapse (a SIGKILLed
@@ -226,14 +229,17 @@ class LocalFederation:
     def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
         """Kill the SuperLink (with the ServerApp it runs) and start it again on the same port and
         database: registrations persist and the SuperNodes reconnect by themselves."""
-        self._kill_tree(self.superlink, sig)
+        self._kill_trees([self.superlink], sig)
         self.start_superlink()
 
     def stop(self) -> None:
-        for device_id in list(self.nodes):
-            self.kill_node(device_id, signal.SIGTERM)
+        """Every device at once, then the SuperLink (each waits for its own exit: seconds)."""
+        devices = [*self.executors.values(), *self.nodes.values()]
+        self.executors.clear()
+        self.nodes.clear()
+        self._kill_trees(devices, signal.SIGTERM)
         if self.superlink is not None:
-            self._kill_tree(self.superlink, signal.SIGTERM)
+            self._kill_trees([self.superlink], signal.SIGTERM)
             self.superlink = None
         for pid in list(self._helpers):  # helpers that outlived their parent
             _signal(pid, signal.SIGKILL)
@@ -245,21 +251,26 @@ class LocalFederation:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _kill_tree(self, proc: subprocess.Popen, sig: int) -> None:
-        """`proc` and the processes Flower started under it (their own sessions), by pid."""
+    def _kill_trees(self, procs: list[subprocess.Popen], sig: int) -> None:
+        """`procs` and the processes Flower started under them (their own sessions), by pid: all are
+        signalled first, then each is waited for (SIGKILL after 15 s)."""
         import psutil
 
-        try:
-            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            children = []
+        children: list[int] = []
+        for proc in procs:
+            try:
+                children += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
         self._helpers.update(children)
-        _signal(proc.pid, sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            _signal(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for proc in procs:
+            _signal(proc.pid, sig)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal(proc.pid, signal.SIGKILL)
+                proc.wait()
         for pid in children:
             _signal(pid, signal.SIGKILL if sig == signal.SIGKILL else sig)
 
@@ -305,6 +316,11 @@ class LocalFederation:
         args = self.run_command(run_config, app_dir)[1:]
         args.remove(CONNECTION)  # _flwr_json names the connection
         return int(self._flwr_json(args, timeout=0)["run-id"])
+
+    def stop_run(self, run_id: int) -> None:
+        """`flwr stop`: e.g. a run whose ServerApp died with the SuperLink (the restarted SuperLink still
+        lists it as running until its ServerApp's heartbeats lapse, and devices keep pulling its messages)."""
+        self._flwr_json(["stop", str(run_id)], timeout=60)
 
     def run_status(self, run_id: int) -> str:
         out = self._flwr_json(["ls", "--run-id", str(run_id)], timeout=60)
