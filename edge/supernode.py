@@ -65,11 +65,12 @@ def check_flower_loop() -> None:
 class LoopClock:
     """Stands in for `time` inside Flower's SuperNode loop: its sleeps, shortened; the rest is `time`'s."""
 
-    def __init__(self, poll_interval: float) -> None:
+    def __init__(self, poll_interval: float, sleep=time.sleep) -> None:
         self.poll_interval = poll_interval
+        self._sleep = sleep
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll_interval if seconds == IDLE_SLEEP_S else min(seconds, self.poll_interval))
+        self._sleep(self.poll_interval if seconds == IDLE_SLEEP_S else min(seconds, self.poll_interval))
 
     def __getattr__(self, name: str):
         return getattr(time, name)

@@ -275,7 +275,8 @@ def test_federation_up_prints_the_flwr_run_line_and_stops_on_sigterm(tmp_path):
 
     data = _device_files(tmp_path)
     cmd = [sys.executable, "-m", "fedge.cli", "federation", "up", "--devices", "2", "--device-data",
-           ",".join(data[:2]), "--workdir", str(tmp_path / "up")]
+           ",".join(data[:2]), "--workdir", str(tmp_path / "up"), "--preload-model", "tiny-random-llama",
+           "--preload-client-model", "target"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -283,10 +284,13 @@ def test_federation_up_prints_the_flwr_run_line_and_stops_on_sigterm(tmp_path):
         while not any("flwr run" in line for line in lines):
             assert proc.poll() is None and time.time() < deadline, "".join(lines)
             lines.append(proc.stdout.readline())
+        for device in ("device-0", "device-1"):  # its warm SuperExec loads the model before any message
+            _wait_for(tmp_path / "up" / "logs" / f"{device}.log", "tiny-random-llama', 'target') in", 1, 180)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert any("fedge-local" in line and "FLWR_HOME=" in line for line in lines)
+    assert any("preloads tiny-random-llama (target)" in line for line in lines)
     import psutil
 
     workdir = str(tmp_path / "up")
@@ -399,3 +403,65 @@ def test_forks_of_a_preloading_superexec_share_its_model_and_keep_no_adapter_sta
     assert other["model"] == "tiny-random-llama-small-vocab" and not other["preloaded"]
     assert any(np.abs(v).max() > 0 for v in first["update"].values())  # it trained
     assert first["update"] == again["update"] == loaded["update"]  # bit for bit: nothing carried over
+
+
+# fedge.edge.supernode and fedge.flower_waits set Flower's waits in the process they run in: checked in a
+# fresh interpreter (this one's Flower modules stay as they are)
+WAITS = r"""
+import json
+import flwr.supercore.heartbeat as heartbeat
+import flwr.supernode.fleet_http_connection as connection
+import flwr.supernode.start_client_internal as loop
+from flwr.supercore.inflatable import inflatable_utils
+from fedge import flower_waits
+from fedge.edge import supernode
+
+before = {"loop_sleeps": sorted(set(supernode.flower_loop_sleeps())), "pulls": flower_waits.object_pull_backoff(),
+          "heartbeat": [connection.HEARTBEAT_DEFAULT_INTERVAL, heartbeat.HEARTBEAT_DEFAULT_INTERVAL]}
+supernode.set_intervals(0.25, 10)
+after = {"pulls": flower_waits.object_pull_backoff(),
+         "heartbeat": [connection.HEARTBEAT_DEFAULT_INTERVAL, heartbeat.HEARTBEAT_DEFAULT_INTERVAL]}
+slept = []
+clock = supernode.LoopClock(0.25, sleep=slept.append)
+for seconds in (3, 0.5, 0.1):
+    clock.sleep(seconds)
+# a pull that finds the object missing twice still gets it, retrying on the shortened back-off
+tries = []
+def pull(object_id):
+    tries.append(object_id)
+    if len(tries) < 3:
+        raise inflatable_utils.ObjectUnavailableError(object_id)
+    return b"content"
+got = inflatable_utils.pull_objects(["a"], pull)
+refused = ""
+inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] = 5  # a Flower that backs off differently
+try:
+    flower_waits.shorten_object_pulls()
+except RuntimeError as exc:
+    refused = str(exc)
+print(json.dumps({"before": before, "slept": slept, "loop_time_is_clock": isinstance(loop.time, supernode.LoopClock),
+                  "after": after,
+                  "got": got["a"].decode(), "tries": len(tries), "refused": refused}))
+"""
+
+
+def test_fedge_supernode_sets_only_flowers_poll_heartbeat_and_pull_back_off():
+    """The SuperNode entry point's premise (Flower 1.41's loop sleeps a fixed 3 s idle and 0.5 s for a
+    reply; object pulls back off 1 s to 10 s; heartbeats every 30 s) holds for the installed Flower, and
+    it replaces exactly those; bad values and an unknown Flower are refused before anything starts."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WAITS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["before"] == {"loop_sleeps": [["sleep", 0.5], ["sleep", 3]], "pulls": [[1, 10], [1, 10]],
+                             "heartbeat": [30, 30]}
+    assert out["slept"] == [0.25, 0.25, 0.1] and out["loop_time_is_clock"]
+    assert out["after"] == {"pulls": [[0.02, 0.5], [0.02, 0.5]], "heartbeat": [10, 10]}
+    assert out["got"] == "content" and out["tries"] == 3
+    assert "not as Flower 1.41 did" in out["refused"]
+    for bad, why in ((["--poll-interval", "0"], "--poll-interval must be between"),
+                     (["--heartbeat-interval", "5"], "--heartbeat-interval must be between 10")):
+        refused = subprocess.run([sys.executable, "-m", "fedge.edge.supernode", *bad, "--superlink", "127.0.0.1:1",
+                                  "--insecure"], capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and why in refused.stderr, refused.stderr[-2000:]
