@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # refresh with `make constraints` after an upgrade has been tested).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-long lint demo clean constraints
+.PHONY: setup test lint demo clean constraints
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,6 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest
-
-# the deployment fault drills left out of `make test` for time (about 7 minutes more on 2 cores)
-test-long: setup
-	$(PY) -m pytest -m long
 
 demo: setup
 	$(VENV)/bin/fedge demo

@@ -131,5 +131,9 @@ def _add_deployment(bench: argparse._SubParsersAction) -> None:
     dep.add_argument("--client-model", default="target", choices=["target", "draft"])
     dep.add_argument("--data", default="stdlib")
     dep.add_argument("--seq-len", type=int, default=32)
+    dep.add_argument("--variants", default="flower,poll,warm,preload",
+                     help="deployment set-ups, in order (flower: Flower's own SuperNode and SuperExec; poll: "
+                          "fedge.edge.supernode's shorter poll; warm: + the fork SuperExec; preload: + the model)")
+    dep.add_argument("--poll-interval", type=float, default=0.25, help="fedge.edge.supernode's idle poll, seconds")
     dep.add_argument("--json", default=default_output("bench-deployment", "bench-deployment.json"))
     dep.set_defaults(func=run_lazily("fedge.simulations.bench_deployment", output_files=("json",)))

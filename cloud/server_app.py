@@ -6,7 +6,9 @@ simulate federated` (Flower's simulation engine) run this same app. It reads the
 for `min-nodes` devices, and drives the one round loop (`FederatedRun` -> `run_rounds`). It never
 needs client data: devices evaluate the global adapter on their own held-out text. Every exchange
 goes through `ReplyGuardGrid` (a deadline, prompt polling, a dead device's error attributed to it,
-stale updates refused), so a device that dies mid-round is a dropped client, not a failed run.
+stale updates refused), so a device that dies mid-round is a dropped client, not a failed run; and
+a reply whose arrays are still on their way is fetched again after 20 ms, not Flower's 1 s
+(`fedge.flower_waits`).
 A killed ServerApp or SuperLink is resumed with `fedge.resume = true` and the same
 `fedge.checkpoint-dir`: the run continues after the last checkpointed round.
 
@@ -36,6 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedge.cloud.federated_config import FederatedConfig, from_run_config
 from fedge.cloud.federated_rounds import FederatedRun, ServerModel, privacy_grid_wrapper
 from fedge.cloud.reply_guard import ReplyGuardGrid
+from fedge.flower_waits import shorten_object_pulls
 from fedge.peft_methods.aggregation import StateDict
 
 log = logging.getLogger("fedge.federated")
@@ -115,6 +118,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     hooks = _HOOKS[0] if _HOOKS else None
     config = hooks.config if hooks is not None else from_run_config(dict(context.run_config))
+    try:  # replies' arrays: retry after 20 ms, not 1 s (fedge.flower_waits)
+        shorten_object_pulls()
+    except RuntimeError as exc:
+        log.warning("%s", exc)
     run = build_run(config, hooks)
     if hooks is not None:
         hooks.run = run

@@ -20,14 +20,20 @@ Message API, three handlers:
 - `evaluate`: the global adapter on the full-precision target, on this device's held-out text (the
   server's global metrics are the token-weighted mean of these: federated evaluation).
 
-Models are loaded once per process (`fedge.edge.training_model`), not per message: Flower may build
-the ClientApp again for every message. Privacy wraps the app, not its handlers: `secagg_mod` (secure
-aggregation, with DP when the server asks) and `dp_mod` (DP for plain rounds) pass other messages through.
+Models are loaded once per process (`fedge.edge.training_model`): a simulation's Ray actor keeps
+them across messages. On a device Flower runs every message in a new process; there the warm
+SuperExec (`fedge.edge.warm_superexec --preload-model`) loads the device's base model once and forks
+each message's process from it, so a message only wraps its adapter around the inherited base (the
+process logs "training model ...: preloaded base" or "loaded").
+
+Privacy wraps the app, not its handlers: `secagg_mod` (secure aggregation, with DP when the server
+asks) and `dp_mod` (DP for plain rounds) pass other messages through.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import zlib
@@ -93,6 +99,13 @@ def local_data(context: Context):
     return name, pid, client
 
 
+def preload_data(node_config: dict) -> str:
+    """Read this device's data (as its node config names it) into this process's cache, so that the
+    ClientApp processes it forks next find it there (fedge.edge.warm_superexec --preload-node-config)."""
+    context = Context(run_id=0, node_id=0, node_config=node_config, state=RecordDict(), run_config={})
+    return local_data(context)[0]
+
+
 def _seed_id(name: str, pid: int) -> int:
     return pid if pid >= 0 else zlib.crc32(name.encode())
 
@@ -105,14 +118,26 @@ def _threads(config: ConfigRecord) -> None:
         torch.set_num_threads(threads)
 
 
+_ANNOUNCED: set[int] = set()  # models whose origin this process has logged
+
+
 def _training_model(config: ConfigRecord):
-    from fedge.edge.training_model import load_training_model
+    from flwr.common import log
+
+    from fedge.edge.training_model import built_on_preloaded, load_training_model
 
     _threads(config)
-    return load_training_model(str(config["model"]), adapter_spec_from(config),
-                               client_model=str(config.get("client-model", "target")),
-                               quant=str(config.get("draft-quant", "int4")),
-                               keep_layers=int(config.get("draft-layers", 0)) or None)
+    started = time.perf_counter()
+    client_model = str(config.get("client-model", "target"))
+    adapted = load_training_model(str(config["model"]), adapter_spec_from(config), client_model=client_model,
+                                  quant=str(config.get("draft-quant", "int4")),
+                                  keep_layers=int(config.get("draft-layers", 0)) or None)
+    if id(adapted) not in _ANNOUNCED:  # once per process (a fork of the warm SuperExec: once per message)
+        _ANNOUNCED.add(id(adapted))
+        origin = "preloaded base" if built_on_preloaded(adapted) else "loaded"
+        log(logging.INFO, "fedge: training model %s (%s): %s, %.2f s", config["model"], client_model, origin,
+            time.perf_counter() - started)
+    return adapted
 
 
 def _heldout_loss(model_name: str, spec: AdapterSpec, state, rank: int | None, client, config: ConfigRecord):

@@ -11,8 +11,13 @@ serves it on the target unchanged.
     adapted = load_training_model(name, spec, client_model="target")       # the fp32 target
     adapted = load_training_model(name, spec, keep_layers=12)              # a truncated draft
 
-The call is cached per process (a Flower ClientApp calls it on every message; Ray actors and
-SuperNodes keep their process), keyed by everything that changes the model. A missing draft is
+The call is cached per process (a Flower ClientApp calls it on every message; Ray actors keep
+their process), keyed by everything that changes the model. On a device, Flower runs each message in
+a new process; fedge's warm SuperExec (`fedge.edge.warm_superexec --preload-model`) calls
+`preload_base` before it forks them, so each one starts with the base model (draft or target) in
+memory, shared copy-on-write, and only wraps its own adapter around it: the first
+`load_training_model` of a fork takes the preloaded base (once: peft edits the base in place, in
+the fork's own copy); a model that was not preloaded is loaded as before. A missing draft is
 built once into the fedge cache (`fedge.edge.draft.default_draft_dir`), under a file lock and an
 atomic rename, so concurrent clients on one machine neither race nor build it twice.
 
@@ -67,9 +72,58 @@ def load_training_model(model_name: str, spec: AdapterSpec, client_model: str = 
         release_freed_buffers()
         if len(_CACHE) >= _MAX_CACHED:
             _CACHE.pop(next(iter(_CACHE)))  # the oldest: a process trains one model at a time
-        _CACHE[key] = (AdaptedModel(model_name, spec) if client_model == "target"
-                       else _adapted_draft(model_name, spec, quant, keep_layers, draft_dir))
+        base = _PRELOADED.pop(base_key(model_name, client_model, quant, keep_layers, draft_dir), None)
+        if base is None:
+            base = load_base(model_name, client_model, quant, keep_layers, draft_dir)
+        else:
+            _FROM_PRELOADED.add(key)
+        factory = {} if client_model == "target" else {"config_factory": _draft_lora_config()}
+        _CACHE[key] = AdaptedModel(model_name, spec, base_and_tokenizer=base, **factory)
     return _CACHE[key]
+
+
+# ------------------------------------------------------------- bases loaded before a fork
+
+# base_key -> (model, tokenizer) without an adapter, loaded by `preload_base` in a process that
+# then forks (each fork takes it once); keys of cached models built on a preloaded base
+_PRELOADED: dict[tuple, tuple] = {}
+_FROM_PRELOADED: set[tuple] = set()
+
+
+def base_key(model_name: str, client_model: str = "draft", quant: str = "int4", keep_layers: int | None = None,
+             draft_dir: str | Path | None = None) -> tuple:
+    """What identifies a client's base model (the adapter spec aside)."""
+    from fedge.models import resolve_model
+
+    if client_model == "target":
+        return (str(resolve_model(model_name)), "target")
+    return (str(resolve_model(model_name)), "draft", quant, keep_layers or None, str(draft_dir) if draft_dir else None)
+
+
+def load_base(model_name: str, client_model: str = "draft", quant: str = "int4", keep_layers: int | None = None,
+              draft_dir: str | Path | None = None) -> tuple:
+    """(model, tokenizer) a client trains on, before any adapter: the fp32 target or its draft."""
+    if client_model not in CLIENT_MODELS:
+        raise ValueError(f"client_model must be one of {CLIENT_MODELS}, got {client_model!r}")
+    if client_model == "target":
+        from fedge.models import load_model
+
+        return load_model(model_name)
+    return _draft_base(model_name, quant, keep_layers, draft_dir)
+
+
+def preload_base(model_name: str, client_model: str = "draft", quant: str = "int4", keep_layers: int | None = None,
+                 draft_dir: str | Path | None = None) -> tuple:
+    """Load a base now, for the processes this one forks next (see the module docstring)."""
+    key = base_key(model_name, client_model, quant, keep_layers, draft_dir)
+    if key not in _PRELOADED:
+        _PRELOADED[key] = load_base(model_name, client_model, quant, keep_layers, draft_dir)
+    return key
+
+
+def built_on_preloaded(adapted: AdaptedModel) -> bool:
+    """Whether this process's `adapted` wraps a base it inherited preloaded (not one it loaded)."""
+    return any(_CACHE.get(key) is adapted for key in _FROM_PRELOADED)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -89,11 +143,15 @@ def served_model(model_name: str, spec: AdapterSpec) -> AdaptedModel:
     return load_training_model(model_name, spec, client_model="target")
 
 
-def _adapted_draft(model_name: str, spec: AdapterSpec, quant: str, keep_layers: int | None,
-                   draft_dir: str | Path | None) -> AdaptedModel:
+def _draft_lora_config():
+    from fedge.peft_methods.quantized_lora import draft_lora_config
+
+    return draft_lora_config
+
+
+def _draft_base(model_name: str, quant: str, keep_layers: int | None, draft_dir: str | Path | None) -> tuple:
     from fedge.edge.draft import load_draft
     from fedge.models import resolve_model
-    from fedge.peft_methods.quantized_lora import draft_lora_config
 
     path = Path(draft_dir) if draft_dir else ensure_draft(model_name, quant, keep_layers)
     # fp32 norms/attention: this code trains on CPUs without bf16 units (see load_draft)
@@ -101,7 +159,7 @@ def _adapted_draft(model_name: str, spec: AdapterSpec, quant: str, keep_layers: 
     if resolve_model(info.target) != resolve_model(model_name):
         raise ValueError(f"{path} is a draft of {info.target}, not of {model_name}")
     draft.requires_grad_(False)
-    return AdaptedModel(model_name, spec, base_and_tokenizer=(draft, tokenizer), config_factory=draft_lora_config)
+    return draft, tokenizer
 
 
 def ensure_draft(model_name: str, quant: str = "int4", keep_layers: int | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +55,12 @@ class FederationSpec:
     tls: bool = True
     auth: bool = True
     warm: bool = True  # ClientApp processes forked warm (fedge.edge.warm_superexec), not fresh interpreters
+    # with `warm`: the base model each device's SuperExec loads once, before its first fork ("" = none)
+    preload_model: str = ""
+    preload_client_model: str = "draft"  # or "target" (with a draft, the target is preloaded too)
+    # fedge.edge.supernode's idle poll (Flower 1.41's flower-supernode: a fixed 3 s; 0 = that one)
+    poll_interval: float = 0.25
+    heartbeat_interval: float | None = None  # seconds (10 to 1800); None = Flower's 30
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,13 +113,17 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. beside this interpreter
+        env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        # no usage reports from a local federation (Flower's telemetry: a thread and a wait at every exit)
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         # SuperExec (on the SuperLink and each SuperNode) looks for work every second by default
-        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")}
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        return env
 
-    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = (self.workdir / "logs" / log_name).open("ab")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def device_ids(self) -> list[str]:
         return [f"device-{i}" for i in range(self.spec.devices)]
@@ -143,14 +154,21 @@ class LocalFederation:
             cmd.append("--insecure")
         if spec.auth:
             cmd.append("--enable-supernode-auth")
-        self.superlink = self._spawn(cmd, "superlink.log")
+        # its SuperExec starts only ServerApps (one per run): it need not poll the SuperLink 5 times a second
+        self.superlink = self._spawn(cmd, "superlink.log", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.5")
         self._flwr_json(["supernode", "ls"], timeout=120)  # up once it answers
 
     def node_command(self, device_id: str, data: str, port: int) -> list[str]:
         """The SuperNode's command line; `port` is its Runtime API's (where its SuperExec connects)."""
         spec = self.spec
-        cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", self.address,
-               "--port", str(port), "--node-config", f'data="{data}" client="{device_id}"']
+        if spec.poll_interval or spec.heartbeat_interval:  # Flower's SuperNode with these intervals
+            cmd = [sys.executable, "-m", "fedge.edge.supernode", "--poll-interval", str(spec.poll_interval or 3)]
+            if spec.heartbeat_interval:
+                cmd += ["--heartbeat-interval", str(spec.heartbeat_interval)]
+        else:
+            cmd = [str(Path(sys.executable).parent / "flower-supernode")]
+        cmd += ["--superlink", self.address, "--port", str(port),
+                "--node-config", f'data="{data}" client="{device_id}"']
         cmd += ["--root-certificates", str(self.certs.ca_cert)] if spec.tls else ["--insecure"]
         if spec.auth:
             cmd += ["--auth-supernode-private-key", str(self.certs.supernode_key(device_id))]
@@ -165,10 +183,19 @@ class LocalFederation:
             cmd += ["--max-retries", str(max_retries)]
         node = self.nodes[device_id] = self._spawn(cmd, f"{device_id}.log")
         if self.spec.warm:
-            self.executors[device_id] = self._spawn(
-                [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{self.spec.host}:{port}",
-                 "--insecure"], f"{device_id}.log")  # no --parent-pid: its watcher thread must not be forked
+            node_config = cmd[cmd.index("--node-config") + 1]
+            self.executors[device_id] = self._spawn(self.executor_command(port, node_config), f"{device_id}.log")
         return node
+
+    def executor_command(self, port: int, node_config: str) -> list[str]:
+        """The device's warm SuperExec (no --parent-pid: its watcher thread must not be forked), which reads
+        the device's data (its node config) and, with `preload_model`, loads its model before forking."""
+        spec = self.spec
+        cmd = [sys.executable, "-m", "fedge.edge.warm_superexec", "--runtime-api-address", f"{spec.host}:{port}",
+               "--insecure", "--preload-node-config", node_config]
+        if spec.preload_model:
+            cmd += ["--preload-model", spec.preload_model, "--preload-client-model", spec.preload_client_model]
+        return cmd
 
     def register(self, device_id: str) -> int:
         out = self._flwr_json(["supernode", "register", str(self.certs.supernode_public_key(device_id))], timeout=60)
@@ -188,9 +215,10 @@ class LocalFederation:
 
     def kill_node(self, device_id: str, sig: int = signal.SIGKILL) -> None:
         """The SuperNode and its SuperExec, with the ClientApp processes they started."""
+        procs = [self.nodes.pop(device_id)]
         if device_id in self.executors:
-            self._kill_tree(self.executors.pop(device_id), sig)
-        self._kill_tree(self.nodes.pop(device_id), sig)
+            procs.insert(0, self.executors.pop(device_id))
+        self._kill_trees(procs, sig)
 
     def restart_node(self, device_id: str, timeout: float = 240.0) -> subprocess.Popen:
         """Start a killed device again once the SuperLink has let its old session lapse (a SIGKILLed
@@ -201,14 +229,17 @@ class LocalFederation:
     def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
         """Kill the SuperLink (with the ServerApp it runs) and start it again on the same port and
         database: registrations persist and the SuperNodes reconnect by themselves."""
-        self._kill_tree(self.superlink, sig)
+        self._kill_trees([self.superlink], sig)
         self.start_superlink()
 
     def stop(self) -> None:
-        for device_id in list(self.nodes):
-            self.kill_node(device_id, signal.SIGTERM)
+        """Every device at once, then the SuperLink (each waits for its own exit: seconds)."""
+        devices = [*self.executors.values(), *self.nodes.values()]
+        self.executors.clear()
+        self.nodes.clear()
+        self._kill_trees(devices, signal.SIGTERM)
         if self.superlink is not None:
-            self._kill_tree(self.superlink, signal.SIGTERM)
+            self._kill_trees([self.superlink], signal.SIGTERM)
             self.superlink = None
         for pid in list(self._helpers):  # helpers that outlived their parent
             _signal(pid, signal.SIGKILL)
@@ -220,21 +251,26 @@ class LocalFederation:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _kill_tree(self, proc: subprocess.Popen, sig: int) -> None:
-        """`proc` and the processes Flower started under it (their own sessions), by pid."""
+    def _kill_trees(self, procs: list[subprocess.Popen], sig: int) -> None:
+        """`procs` and the processes Flower started under them (their own sessions), by pid: all are
+        signalled first, then each is waited for (SIGKILL after 15 s)."""
         import psutil
 
-        try:
-            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            children = []
+        children: list[int] = []
+        for proc in procs:
+            try:
+                children += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
         self._helpers.update(children)
-        _signal(proc.pid, sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            _signal(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for proc in procs:
+            _signal(proc.pid, sig)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal(proc.pid, signal.SIGKILL)
+                proc.wait()
         for pid in children:
             _signal(pid, signal.SIGKILL if sig == signal.SIGKILL else sig)
 
@@ -281,6 +317,11 @@ class LocalFederation:
         args.remove(CONNECTION)  # _flwr_json names the connection
         return int(self._flwr_json(args, timeout=0)["run-id"])
 
+    def stop_run(self, run_id: int) -> None:
+        """`flwr stop`: e.g. a run whose ServerApp died with the SuperLink (the restarted SuperLink still
+        lists it as running until its ServerApp's heartbeats lapse, and devices keep pulling its messages)."""
+        self._flwr_json(["stop", str(run_id)], timeout=60)
+
     def run_status(self, run_id: int) -> str:
         out = self._flwr_json(["ls", "--run-id", str(run_id)], timeout=60)
         return str(out["runs"][0]["status"])
@@ -292,16 +333,27 @@ class LocalFederation:
                               text=True, timeout=120)
         return done.stdout + done.stderr
 
-    def wait_run(self, run_id: int, timeout: float) -> str:
-        """Poll until the run is finished (its status, e.g. "finished:completed")."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(2.0)
-        raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status})")
+    def wait_run(self, run_id: int, timeout: float, check_every_s: float = 20.0) -> str:
+        """Wait until the run is finished; its status (e.g. "finished:completed").
 
+        Each `flwr ls` is a Python process start (seconds of CPU on a small machine), so this watches
+        the SuperLink's log for the end of the run's ServerApp task and asks `flwr ls` then, or every
+        `check_every_s` in case the line never comes."""
+        deadline, status, ended = time.time() + timeout, "unknown", re.compile(rf"Finished task \d+ of run {run_id}\b")
+        log, offset, tail, check_at = self.workdir / "logs" / "superlink.log", 0, "", time.time() + check_every_s
+        while time.time() < deadline:
+            with log.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            tail = tail[-200:] + chunk.decode(errors="replace")  # a line may span two reads
+            if ended.search(tail) or time.time() >= check_at:
+                status = self.run_status(run_id)
+                if status.startswith("finished"):
+                    return status
+                check_at = time.time() + check_every_s
+            time.sleep(0.5)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status})")
 
 def _signal(pid: int, sig: int) -> None:
     try:
