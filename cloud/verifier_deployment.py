@@ -14,12 +14,16 @@ and tests and the edge never need it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from fedge.cloud.adapter_registry import AdapterRegistry
 from fedge.cloud.engine import Limits, VerifierEngine
+
+log = logging.getLogger(__name__)
 
 VERIFIER_APP = "fedge-verifier"  # the Serve application `fedge cloud serve` deploys the verifier as
 ROUTER = "fedge.cloud.session_router.SessionAffinityRouter"  # imported where each handle routes
@@ -128,7 +132,15 @@ def load_engine(model: str, limits: Limits, shard: str, threads: int, adapters_d
     fingerprint = model_fingerprint(target)
     adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
                                min_rescan_s=0.0)  # only versions the ingress approved get here
-    return VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
+    engine = VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
+    # phones choose k from this replica's cost curve (Health): time its own forward path once now
+    start = time.perf_counter()
+    curve = engine.measure_costs()
+    log.warning("fedge verifier %s: %s forward, cost curve %s (positions: ms) measured in %.1f s", shard,
+                engine.forward_path, {p: round(s * 1000, 1) for p, s in zip(curve.positions, curve.seconds,
+                                                                              strict=True)},
+                time.perf_counter() - start)
+    return engine
 
 
 def process_cpu_s() -> float:
