@@ -44,7 +44,8 @@ class LeanBatchForward:
         self.n_kv = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.scaling = self.head_dim ** -0.5
-        self.dtype = model.model.embed_tokens.weight.dtype
+        with torch.no_grad():  # the activations' dtype (a quantised draft's embedding has no float weight)
+            self.dtype = model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long)).dtype
         self.table_len = 0
         self.cos = self.sin = torch.empty(0)
         self._rope_upto(1024)

@@ -36,8 +36,13 @@ class EdgeClient:
     """One device's draft model and its link to the cloud; each generation opens its own cloud session."""
 
     def __init__(self, draft: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 config: EdgeConfig | None = None, tokenizer=None, adapter_version: str = ""):
+                 config: EdgeConfig | None = None, tokenizer=None, adapter_version: str = "",
+                 drafter_factory: Callable[..., Drafter] = Drafter):
         self.draft = draft
+        # (draft, prompt_ids, params, seed, q_support=) -> Drafter; a simulation may draft elsewhere
+        self.drafter_factory = drafter_factory
+        # simulations: {prompt: {sequence length: the draft's greedy proposal}} (see PacedProposer)
+        self.replay_drafts: dict[tuple[int, ...], dict[int, list[int]]] = {}
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.config = config or EdgeConfig()
@@ -105,7 +110,7 @@ class EdgeClient:
         params = params or SamplingParams()
         cfg = self.config
         stats = EdgeStats()
-        drafter = Drafter(self.draft, prompt_ids, params, seed, q_support=cfg.q_support)
+        drafter = self.drafter_factory(self.draft, prompt_ids, params, seed, q_support=cfg.q_support)
         controller = DraftLengthController(k_max=cfg.k_max, fixed_k=cfg.fixed_k, draft_budget_s=cfg.draft_budget_s)
         curve, load = self.cloud_costs() if cfg.load_aware and cfg.fixed_k is None else (None, 0.0)
         remote = RemoteVerifier(self.link, self._open_request([], params, seed), prompt_ids, cfg.k_max, stats,
@@ -117,7 +122,8 @@ class EdgeClient:
             return len(text) >= max_new_tokens or any(t in stop_ids for t in text)
 
         verifier = OfflineTolerantVerifier(remote, drafter, transcript, cfg, text_complete)
-        proposer = drafter if cfg.phone_tokens_per_s is None else PacedProposer(drafter, cfg.phone_tokens_per_s, stats)
+        proposer = drafter if cfg.phone_tokens_per_s is None else \
+            PacedProposer(drafter, cfg.phone_tokens_per_s, stats, self.replay_drafts.get(tuple(prompt_ids)))
         rounds = GenerationStats()
         network0 = self.link.delay_s
         start = time.perf_counter()
@@ -184,18 +190,25 @@ class EdgeClient:
 
 
 class PacedProposer:
-    """A `Proposer` for an emulated device: the drafts are the real ones, computed here, but k of
-    them take exactly k / tokens_per_s as the phone sees it. A computation that finished early is
-    waited out; one that ran late (this machine was busy) is counted in `stats.draft_overrun_s`."""
+    """A `Proposer` for an emulated device: k drafts take exactly k / tokens_per_s as the phone sees
+    it. A computation that finished early is waited out; one that ran late (this machine was busy) is
+    counted in `stats.draft_overrun_s`.
 
-    def __init__(self, drafter: Drafter, tokens_per_s: float, stats: EdgeStats):
+    `replay` (simulations, greedy only): the draft's own greedy proposals after each verified length,
+    computed beforehand with the same draft model ({sequence length: draft ids}); a round whose
+    proposal is there takes it instead of computing it again now, so N simulated phones need not
+    share this machine's cores with the cloud they measure. Anything else is drafted live."""
+
+    def __init__(self, drafter: Drafter, tokens_per_s: float, stats: EdgeStats,
+                 replay: dict[int, list[int]] | None = None):
         if not tokens_per_s > 0:
             raise EdgeError(f"phone_tokens_per_s must be > 0, not {tokens_per_s}")
         self.drafter, self.tokens_per_s, self.stats = drafter, tokens_per_s, stats
+        self.replay = replay if drafter.params.greedy else None
 
     def propose(self, k: int):
         start = time.perf_counter()
-        proposal = self.drafter.propose(k)
+        proposal = self._replayed(k) or self.drafter.propose(k)
         real = time.perf_counter() - start
         budget = k / self.tokens_per_s
         self.stats.draft_compute_s += real
@@ -204,6 +217,13 @@ class PacedProposer:
         else:
             self.stats.draft_overrun_s += real - budget
         return proposal
+
+    def _replayed(self, k: int):
+        drafts = None if self.replay is None or self.drafter.unverified else self.replay.get(len(self.drafter.tokens))
+        if drafts is None or len(drafts) < k:
+            return None
+        self.stats.draft_replayed += 1
+        return list(drafts[:k]), ([] if self.drafter.q_support is not None else None)
 
     def accept(self, tokens: list[int]) -> None:
         self.drafter.accept(tokens)

@@ -51,6 +51,7 @@ class EdgeStats:
     draft_s: float = 0.0  # drafting time as the phone sees it (the emulated device's, when one is set)
     draft_compute_s: float = 0.0  # what the drafts really took on this machine
     draft_overrun_s: float = 0.0  # emulated device: real drafting beyond k / phone_tokens_per_s
+    draft_replayed: int = 0  # emulated device: rounds whose drafts were computed beforehand
     round_s: float = 0.0
     # where a round's time went: the emulated network, waiting in the cloud (batch fill, the forward
     # lock) and the cloud's forward; round_s minus these is gRPC, Ray and the ingress
