@@ -136,9 +136,11 @@ class VerifierEngine:
                                  adapter_row=adapter_row, owner=device_id)
             self.sessions[sid] = entry
         start = time.perf_counter()
-        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions;
-        # chunk by chunk, each its own turn of the forward lock, so waiting rounds go between
-        for row in sequence.prefill_rows(self.limits.prefill_chunk):
+        # a short prompt on the lean path is fed by its first round (packed with the others' rounds, so
+        # sessions opened together share that forward); otherwise all but the last prompt token is
+        # prefilled now, chunk by chunk, each its own turn of the forward lock, so waiting rounds go between
+        in_round = self._lean is not None and len(prompt_ids) - 1 <= self.limits.prefill_in_round
+        for row in () if in_round else sequence.prefill_rows(self.limits.prefill_chunk):
             with self._forward_lock.turn("prefill"):
                 self.forward_rows([row], [entry.adapter_row])
                 self.forwards += 1

@@ -96,6 +96,9 @@ class Limits:
     max_sessions_per_device: int = 8
     max_tokens_per_device: int = 32768  # tokens held across the device's open sessions
     prefill_chunk: int = 256  # a long prompt is prefilled in chunks; other sessions' rounds run between them
+    # lean forward: a prompt up to this long is prefilled in its first round's forward instead, packed
+    # beside the other sessions' rounds (sessions opened together then share one forward, not one each)
+    prefill_in_round: int = 128
 
 
 @dataclass

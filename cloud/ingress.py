@@ -197,6 +197,7 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         if not infos:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no verifier replica answered")
         lim = self.limits
+        ingress_cpu = process_cpu_s()
         return fedge_pb2.HealthReply(
             status="SERVING", model=self.model, model_fingerprint=self.static.model_fingerprint,
             tokenizer_fingerprint=self.static.tokenizer_fingerprint, vocab_size=self.static.vocab_size,
@@ -205,7 +206,7 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             max_message_bytes=self.max_message_bytes, idle_timeout_s=lim.idle_timeout_s,
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i.forwards for i in infos),
             tokens_generated=sum(i.tokens_generated for i in infos), forward_s=sum(i.forward_s for i in infos),
-            serving_cpu_s=process_cpu_s() + sum(i.process_cpu_s for i in infos),
+            serving_cpu_s=ingress_cpu + sum(i.process_cpu_s for i in infos), ingress_cpu_s=ingress_cpu,
             adapter_versions=(await asyncio.to_thread(self.registry.snapshot)).versions(),
             **_costs(infos))
 

@@ -127,6 +127,7 @@ def _mode_result(mode: str, outputs: list[list[int]], stats: list, wall: float, 
         latencies_s=[x for s in stats for x in s.token_latency_s], forwards=forwards,
         forward_s=health1.forward_s - health0.forward_s,
         serving_cpu_s=health1.serving_cpu_s - health0.serving_cpu_s,
+        ingress_cpu_s=health1.ingress_cpu_s - health0.ingress_cpu_s,
         acceptance=accepted / drafted if drafted else 0.0,
         a_hat=accepted / (accepted + rejected) if accepted + rejected else 0.0,
         mean_k=sum(ks) / len(ks) if ks else 0.0, mean_batch=mean_batch, ks=ks,
@@ -306,6 +307,7 @@ def main(args: argparse.Namespace) -> int:
         clients = _phone_clients(args, draft, info, tokenizer, server, tokens_per_s, adapter_version, farm)
         health = clients[0].health(timeout_s=30)
         results = _run_both_modes(args, clients, prompts, stop, draft, console)
+        after = clients[0].health(timeout_s=30)  # its cost curve, rescaled by the forwards of the run
         for c in clients:
             c.close()
     except grpc.RpcError as exc:
@@ -326,7 +328,8 @@ def main(args: argparse.Namespace) -> int:
              "fixed_k": getattr(args, "fixed_k", None), "load_aware": not getattr(args, "no_load_aware", False),
              "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
              "forward_path": health.forward_path, "cost_positions": list(health.cost_positions),
-             "cost_seconds": list(health.cost_seconds), "cost_context": health.cost_context}
+             "cost_seconds_startup": list(health.cost_seconds), "cost_seconds": list(after.cost_seconds),
+             "cost_context": health.cost_context}
     rep = report(args, co, ea, identical, reference is not None, extra)
     Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
     print_table(args, co, ea, rep)

@@ -6,7 +6,9 @@ rounds of k drafts cost C(P (k + 1)) / P each and yield E(a, k) = (1 - a^(k+1)) 
 with a estimated as accepted / (accepted + rejections) (the per-token acceptance accepted / drafted
 that benchmarks print is not that a; both are reported). The same prediction is also given at the
 batch sizes the cloud really saw, which separates "the forward costs what the curve says" from
-"the phones' rounds shared forwards as well as they could".
+"the phones' rounds shared forwards as well as they could". The curve is the one Health reports
+after the run (the start-up measurement, each point rescaled by the forwards the run served near
+it, so a machine loaded by other work shows up); the start-up curve's prediction is given too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ModeResult:
     forwards: int
     forward_s: float
     serving_cpu_s: float
+    ingress_cpu_s: float = 0.0
     acceptance: float = 0.0  # accepted / drafted
     a_hat: float = 0.0  # accepted / (accepted + rejections): the a of E(a, k)
     mean_k: float = 0.0
@@ -66,6 +69,14 @@ class ModeResult:
         return {name: 1000 * s / self.tokens for name, s in parts.items()}
 
 
+def _cpu_split(m: ModeResult) -> dict[str, float]:
+    if not m.tokens:
+        return {}
+    return {"replicas": 1000 * (m.serving_cpu_s - m.ingress_cpu_s) / m.tokens,
+            "ingress": 1000 * m.ingress_cpu_s / m.tokens,
+            "ray_daemons": 1000 * (m.cloud_cpu_s - m.serving_cpu_s) / m.tokens}
+
+
 def predicted_capacity(curve: CostCurve, a: float, ks: list[int], cloud_only_batch: float,
                        edge_batch: float) -> float:
     """Cloud cost per token cloud-only over edge-assisted, from the curve, a and the rounds' k."""
@@ -80,8 +91,10 @@ def predicted_capacity(curve: CostCurve, a: float, ks: list[int], cloud_only_bat
 def report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: bool, checked_reference: bool,
            extra: dict) -> dict:
     """The JSON record: the settings, both modes' measurements, the prediction next to the result."""
-    curve = CostCurve(tuple(extra["cost_positions"]), tuple(extra["cost_seconds"])) \
-        if len(extra.get("cost_positions", ())) >= 2 else None
+    curve = startup = None
+    if len(extra.get("cost_positions", ())) >= 2:  # the curve after the run, and as measured at start-up
+        curve = CostCurve(tuple(extra["cost_positions"]), tuple(extra["cost_seconds"]))
+        startup = CostCurve(tuple(extra["cost_positions"]), tuple(extra["cost_seconds_startup"]))
     out = {
         "phones": args.phones, "rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
         "bandwidth_mbps": args.bandwidth_mbps, "loss": args.loss, "model": args.model,
@@ -110,6 +123,9 @@ def report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: 
         "cloud_serving_cpu_s_per_token_cloud_only": co.serving_cpu_s / co.tokens if co.tokens else 0.0,
         "cloud_serving_cpu_s_per_token_edge_assisted": ea.serving_cpu_s / ea.tokens if ea.tokens else 0.0,
         "capacity_ratio_serving_processes": co.serving_cpu_s / ea.serving_cpu_s if ea.serving_cpu_s else 0.0,
+        # where the cloud's CPU went, ms per token: the verifier replicas, the gRPC ingress, Ray's daemons
+        "cloud_cpu_split_ms_per_token_cloud_only": _cpu_split(co),
+        "cloud_cpu_split_ms_per_token_edge_assisted": _cpu_split(ea),
         "cloud_forward_s_cloud_only": co.forward_s, "cloud_forward_s_edge_assisted": ea.forward_s,
         # forward seconds per token: the measured counterpart of the curve's prediction
         "capacity_ratio_forward_time": (co.forward_s / co.tokens) / (ea.forward_s / ea.tokens)
@@ -119,6 +135,8 @@ def report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: 
         out["predicted_capacity_ratio"] = predicted_capacity(curve, ea.a_hat, ea.ks, args.phones, args.phones)
         out["predicted_capacity_ratio_at_measured_batches"] = predicted_capacity(
             curve, ea.a_hat, ea.ks, co.mean_batch, ea.mean_batch)
+        out["predicted_capacity_ratio_startup_curve"] = predicted_capacity(startup, ea.a_hat, ea.ks, args.phones,
+                                                                           args.phones)
         predicted = out["predicted_capacity_ratio"]
         out["measured_over_predicted"] = out["capacity_ratio"] / predicted if predicted else 0.0
     return out
