@@ -165,7 +165,8 @@ def _add_phones(simulate: argparse._SubParsersAction) -> None:
     phones.add_argument("--model", default=DEFAULT_MODEL)
     phones.add_argument("--draft", default=None, help="draft dir (default: build a full-depth int4 draft)")
     phones.add_argument("--max-new-tokens", type=int, default=48)
-    phones.add_argument("--k-max", type=int, default=8)
+    phones.add_argument("--k-max", type=int, default=16,
+                        help="the longest draft a phone may send (the cloud's default --max-draft-len)")
     phones.add_argument("--fixed-k", type=int, default=None, help="every round drafts this many (default: the "
                                                                    "load-aware choice from the cloud's cost curve)")
     phones.add_argument("--no-load-aware", action="store_true",

@@ -78,13 +78,15 @@ def measure_cost_curve(model: torch.nn.Module, sessions: tuple[int, ...] = (1, 4
 
 class LiveCostCurve:
     """The start-up curve, each point scaled by the recent ratio of served forwards' times to what
-    the curve predicted for them (the forward nearest that point, on a log scale, updates it)."""
+    the curve predicted for them (a forward updates the point nearest it, on a log scale; a point
+    no forward came near takes the ratio of the nearest point one did)."""
 
     def __init__(self, base: CostCurve, context: int, smoothing: float = 0.8):
         self.base = base
         self.context = context
         self.smoothing = smoothing
         self.ratio = [1.0] * len(base.positions)
+        self.seen = [False] * len(base.positions)  # a point no served forward came near takes its nearest seen one's
         self._lock = threading.Lock()
 
     def observe(self, positions: int, seconds: float) -> None:
@@ -94,10 +96,13 @@ class LiveCostCurve:
         i = min(range(len(self.base.positions)), key=lambda j: abs(math.log(self.base.positions[j] / positions)))
         with self._lock:
             self.ratio[i] = self.smoothing * self.ratio[i] + (1 - self.smoothing) * seconds / predicted
+            self.seen[i] = True
 
     def curve(self) -> CostCurve:
         with self._lock:
-            scaled = [s * r for s, r in zip(self.base.seconds, self.ratio, strict=True)]
+            seen = [i for i, s in enumerate(self.seen) if s]
+            ratio = [self.ratio[min(seen, key=lambda j: abs(j - i))] if seen else 1.0 for i in range(len(self.ratio))]
+            scaled = [s * r for s, r in zip(self.base.seconds, ratio, strict=True)]
         seconds, running = [], 0.0
         for s in scaled:
             running = max(running, s)

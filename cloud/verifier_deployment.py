@@ -13,6 +13,7 @@ and tests and the edge never need it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -104,6 +105,10 @@ def verifier_deployment():
         async def close_session(self, session_id: str, device_id: str = ""):
             return self.scheduler.close_session(session_id, device_id)
 
+        async def calibrate(self) -> dict[int, float]:
+            """Measure this replica's cost curve now (a few seconds of forwards)."""
+            return await asyncio.to_thread(calibrate, self.engine)
+
         async def info(self, replica: str = ""):
             """This replica's counters; None if `replica` (which the router routes by) names another one."""
             if replica and replica != self.engine.shard:
@@ -132,15 +137,19 @@ def load_engine(model: str, limits: Limits, shard: str, threads: int, adapters_d
     fingerprint = model_fingerprint(target)
     adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
                                min_rescan_s=0.0)  # only versions the ingress approved get here
-    engine = VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
-    # phones choose k from this replica's cost curve (Health): time its own forward path once now
+    return VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
+
+
+def calibrate(engine: VerifierEngine) -> dict[int, float]:
+    """Time the engine's own forward path for its cost curve (phones choose k by it, via Health);
+    returns {positions: ms}. The front end asks each replica once Ray and Serve are up, not in the
+    replica's constructor, where Ray's own start-up competes for the cores."""
     start = time.perf_counter()
     curve = engine.measure_costs()
-    log.warning("fedge verifier %s: %s forward, cost curve %s (positions: ms) measured in %.1f s", shard,
-                engine.forward_path, {p: round(s * 1000, 1) for p, s in zip(curve.positions, curve.seconds,
-                                                                              strict=True)},
-                time.perf_counter() - start)
-    return engine
+    points = {p: round(s * 1000, 1) for p, s in zip(curve.positions, curve.seconds, strict=True)}
+    log.warning("fedge verifier %s: %s forward, cost curve %s (positions: ms) measured in %.1f s", engine.shard,
+                engine.forward_path, points, time.perf_counter() - start)
+    return points
 
 
 def process_cpu_s() -> float:

@@ -97,8 +97,11 @@ def test_heavier_load_picks_smaller_k_on_the_verifiers_measured_curve(tiny):
     engine = VerifierEngine(model, model_fingerprint(model), tokenizer_fingerprint(tok), Limits())
     measured = engine.measure_costs(sessions=(1, 4, 16), widths=(1, 5, 9), context=16, repeats=3)
     assert isinstance(engine.costs, LiveCostCurve) and engine.info().cost_positions == measured.positions
-    # served forwards then show the machine saturating past 80 positions: wide batches cost 50x
+    # served forwards then show the machine saturating past 80 positions: narrow ones cost what was
+    # measured, wide batches 50x that
     for _ in range(20):
+        engine.costs.observe(4, measured(4))
+        engine.costs.observe(16, measured(16))
         engine.costs.observe(144, 50 * measured(144))
     curve = engine.costs.curve()
     assert curve(144) > 10 * measured(144) and curve.positions == measured.positions
