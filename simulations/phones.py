@@ -292,11 +292,13 @@ def main(args: argparse.Namespace) -> int:
     draft, tokenizer, info, draft_dir, adapter_version = _load_phone_draft(args, console)
     prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    # this process (the phones, and the reference before them) computes on one thread: it does not
+    # fight the cloud for intra-op threads, and a one-thread forward does not stall on a busy machine
+    torch.set_num_threads(1)
     reference = None if args.no_reference else _local_reference(args, prompts, stop, adapter_version, console)
     proc, server = _start_phones_cloud(args, console)
     farm = None
     try:
-        torch.set_num_threads(1)
         draft_s = measure_draft_s(draft, prompts[0])  # alone, before the phones yield to the cloud
         tokens_per_s = getattr(args, "phone_tokens_per_s", None) or 1 / draft_s
         console.print(f"draft alone: {draft_s * 1000:.1f} ms/token on one thread; phones draft at "

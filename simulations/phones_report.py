@@ -6,9 +6,10 @@ rounds of k drafts cost C(P (k + 1)) / P each and yield E(a, k) = (1 - a^(k+1)) 
 with a estimated as accepted / (accepted + rejections) (the per-token acceptance accepted / drafted
 that benchmarks print is not that a; both are reported). The same prediction is also given at the
 batch sizes the cloud really saw, which separates "the forward costs what the curve says" from
-"the phones' rounds shared forwards as well as they could". The curve is the one Health reports
-after the run (the start-up measurement, each point rescaled by the forwards the run served near
-it, so a machine loaded by other work shows up); the start-up curve's prediction is given too.
+"the phones' rounds shared forwards as well as they could". The curve is the one the verifier
+measured when it started, the one Health gave the phones to choose k by; the prediction from the
+curve Health reports after the run (each point rescaled by the forwards the run served near it,
+so a machine loaded by other work shows up) is given too.
 """
 
 from __future__ import annotations
@@ -132,11 +133,11 @@ def report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: 
         if co.tokens and ea.tokens and ea.forward_s else 0.0,
     }
     if curve is not None:
-        out["predicted_capacity_ratio"] = predicted_capacity(curve, ea.a_hat, ea.ks, args.phones, args.phones)
+        out["predicted_capacity_ratio"] = predicted_capacity(startup, ea.a_hat, ea.ks, args.phones, args.phones)
         out["predicted_capacity_ratio_at_measured_batches"] = predicted_capacity(
-            curve, ea.a_hat, ea.ks, co.mean_batch, ea.mean_batch)
-        out["predicted_capacity_ratio_startup_curve"] = predicted_capacity(startup, ea.a_hat, ea.ks, args.phones,
-                                                                           args.phones)
+            startup, ea.a_hat, ea.ks, co.mean_batch, ea.mean_batch)
+        out["predicted_capacity_ratio_after_run_curve"] = predicted_capacity(curve, ea.a_hat, ea.ks, args.phones,
+                                                                             args.phones)
         predicted = out["predicted_capacity_ratio"]
         out["measured_over_predicted"] = out["capacity_ratio"] / predicted if predicted else 0.0
     return out
@@ -172,7 +173,9 @@ def print_table(args: argparse.Namespace, co: ModeResult, ea: ModeResult, rep: d
     table.add_row("phone drafting: real ms/token, overrun", "",
                   f"{rep['draft_compute_ms_per_token']:.1f}, {100 * rep['draft_overrun_fraction']:.0f}%")
     if "predicted_capacity_ratio" in rep:
-        table.add_row("capacity: measured / predicted (all phones per forward; at measured batches)", "",
-                      f"{rep['capacity_ratio']:.2f} / {rep['predicted_capacity_ratio']:.2f}; "
-                      f"{rep['predicted_capacity_ratio_at_measured_batches']:.2f}")
+        table.add_row("capacity measured / predicted by the start-up curve (all phones per forward; at "
+                      "measured batches) / by the curve after the run", "",
+                      f"{rep['capacity_ratio']:.2f} / {rep['predicted_capacity_ratio']:.2f} "
+                      f"({rep['predicted_capacity_ratio_at_measured_batches']:.2f}) / "
+                      f"{rep['predicted_capacity_ratio_after_run_curve']:.2f}")
     Console().print(table)
