@@ -165,7 +165,22 @@ def _add_phones(simulate: argparse._SubParsersAction) -> None:
     phones.add_argument("--model", default=DEFAULT_MODEL)
     phones.add_argument("--draft", default=None, help="draft dir (default: build a full-depth int4 draft)")
     phones.add_argument("--max-new-tokens", type=int, default=48)
-    phones.add_argument("--k-max", type=int, default=8)
+    phones.add_argument("--k-max", type=int, default=16,
+                        help="the longest draft a phone may send (the cloud's default --max-draft-len)")
+    phones.add_argument("--fixed-k", type=int, default=None, help="every round drafts this many (default: the "
+                                                                   "load-aware choice from the cloud's cost curve)")
+    phones.add_argument("--no-load-aware", action="store_true",
+                        help="choose k from round times alone, ignoring the cloud's cost curve and load")
+    phones.add_argument("--phone-tokens-per-s", type=float, default=None,
+                        help="the phones' device profile: drafting k tokens takes k / this (default: the draft's "
+                             "own measured speed, alone on one thread)")
+    phones.add_argument("--phone-nice", type=int, default=10,
+                        help="the phones' process yields to the cloud by this much niceness (0: compete)")
+    phones.add_argument("--phone-drafts", choices=("replay", "live"), default="replay",
+                        help="replay: the draft's greedy proposals are computed before the timed run and looked "
+                             "up (no phone compute on the cloud's cores); live: drafted during it, niced")
+    phones.add_argument("--no-draft-farm", action="store_true",
+                        help="live drafts: each phone drafts in its own thread, not in shared batched forwards")
     phones.add_argument("--port", type=int, default=0, help="cloud port (0 = pick a free one)")
     phones.add_argument("--server", default=None, help="use a running cloud at HOST:PORT instead of starting one "
                                                        "(its CPU is then read from its Health reply)")

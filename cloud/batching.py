@@ -40,18 +40,22 @@ class KVBuffer:
             raise ValueError(f"cannot truncate a {self.length}-position cache to {length}")
         self.length = length  # the stale tail is overwritten by the next append
 
-    def append(self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> None:
-        """Append (heads, n, head_dim) keys/values for every layer."""
-        n = layer_keys[0].shape[1]
-        if not self.keys:  # exactly what the first append needs, rounded up to a block
+    def reserve(self, n: int, layers: int, heads: int, dim: int, dtype: torch.dtype) -> None:
+        """Make room for n more positions: exactly what the first feed needs (rounded up to a block),
+        then growth by a quarter (amortised O(1) per token), never to twice what the session holds."""
+        if not self.keys:
             cap = _round_up(n)
-            self.keys = [torch.empty(k.shape[0], cap, k.shape[2], dtype=k.dtype) for k in layer_keys]
-            self.values = [torch.empty(v.shape[0], cap, v.shape[2], dtype=v.dtype) for v in layer_values]
-        if self.length + n > self.keys[0].shape[1]:
-            # grow by a quarter (amortised O(1) per token), never to twice what the session holds
+            self.keys = [torch.empty(heads, cap, dim, dtype=dtype) for _ in range(layers)]
+            self.values = [torch.empty(heads, cap, dim, dtype=dtype) for _ in range(layers)]
+        elif self.length + n > self.keys[0].shape[1]:
             cap = _round_up(max(self.length + n, self.keys[0].shape[1] * 5 // 4))
             self.keys = [_grow(k, cap, self.length) for k in self.keys]
             self.values = [_grow(v, cap, self.length) for v in self.values]
+
+    def append(self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> None:
+        """Append (heads, n, head_dim) keys/values for every layer."""
+        heads, n, dim = layer_keys[0].shape
+        self.reserve(n, len(layer_keys), heads, dim, layer_keys[0].dtype)
         end = self.length + n
         for buf, new in zip(self.keys, layer_keys, strict=True):
             buf[:, self.length:end] = new

@@ -12,99 +12,37 @@ whose code is a gRPC status name, so the ingress maps it without guessing).
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
 from fedge.cloud.adapter_registry import AdapterRegistry
-from fedge.cloud.batching import BatchedTargetSequence, FairLock, batched_forward, clip, pack_rows
+from fedge.cloud.batching import BatchedTargetSequence, FairLock, Row, batched_forward, clip, pack_rows
+from fedge.cloud.cost_curve import LiveCostCurve, LoadMeter, measure_cost_curve
+from fedge.cloud.engine_types import (
+    Limits,
+    OpenedSession,
+    Refusal,
+    RefusalCode,
+    ReplicaInfo,
+    Round,
+    RoundReply,
+    VerifierError,
+)
+from fedge.cloud.lean_batch import LeanBatchForward
 from fedge.cloud.multi_lora import AdapterBank, AdapterLoadError
 from fedge.kernels.verify import verify
 from fedge.protocol.codecs import validate_sparse_q
 from fedge.sampling import SamplingParams
+from fedge.speculative import CostCurve
 from fedge.verifier_session import TargetVerifierSession
 
-
-class RefusalCode(StrEnum):
-    """Why a request was refused; each is the name of the gRPC status the client gets."""
-
-    NOT_FOUND = "NOT_FOUND"
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    PERMISSION_DENIED = "PERMISSION_DENIED"
-    OUT_OF_RANGE = "OUT_OF_RANGE"
-    ABORTED = "ABORTED"
-    INTERNAL = "INTERNAL"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A refused request, as a value (crosses the Ray boundary in place of a reply)."""
-
-    code: RefusalCode
-    message: str
-
-
-class VerifierError(Exception):
-    """A refused request inside the engine; `refusal()` is what crosses to the ingress."""
-
-    def __init__(self, code: RefusalCode | str, message: str):
-        super().__init__(message)
-        self.code = RefusalCode(code)
-        self.message = message
-
-    def refusal(self) -> Refusal:
-        return Refusal(self.code, self.message)
-
-
-@dataclass(frozen=True)
-class OpenedSession:
-    session_id: str
-    position: int
-    max_draft_len: int
-    max_q_support: int
-    prefill_s: float
-
-
-@dataclass(frozen=True)
-class RoundReply:
-    n_accepted: int
-    next_id: int
-    verify_s: float
-    batch_size: int
-    position: int
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    sessions: int
-    vocab_size: int
-    forwards: int
-    forward_s: float
-    tokens_generated: int
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    mean_batch: float
-    process_cpu_s: float = 0.0  # filled in by the replica process
-
-
-@dataclass
-class Limits:
-    max_sessions: int = 64  # per replica
-    max_draft_len: int = 16
-    max_q_support: int = 64  # sparse q entries per drafted position
-    max_session_tokens: int = 4096  # also capped by the model's position embeddings
-    idle_timeout_s: float = 300.0
-    max_batch: int = 32  # rounds in one forward
-    # per authenticated device (mutual TLS), so one device cannot hold every session or all the memory
-    max_sessions_per_device: int = 8
-    max_tokens_per_device: int = 32768  # tokens held across the device's open sessions
-    prefill_chunk: int = 256  # a long prompt is prefilled in chunks; other sessions' rounds run between them
+__all__ = ["Limits", "OpenedSession", "Refusal", "RefusalCode", "ReplicaInfo", "Round", "RoundReply", "SessionEntry",
+           "VerifierEngine", "VerifierError"]
 
 
 @dataclass
@@ -132,27 +70,33 @@ class SessionEntry:
 
 
 @dataclass
-class Round:
-    session_id: str
-    position: int
-    draft_ids: list[int]
-    draft_q: list[tuple[list[int], list[float]]] = field(default_factory=list)  # empty when greedy
-    device_id: str = ""  # the caller, from its certificate
-
-
-@dataclass
 class _Work:  # a validated round and where its reply goes
     index: int
     entry: SessionEntry
     q: torch.Tensor | None
     draft_ids: list[int]
     position: int
+    arrived: float = 0.0
+
+
+def forward_path(model: torch.nn.Module, choice: str | None = None) -> str:
+    """"lean" (`fedge.cloud.lean_batch`) where the model allows it, else "hf" (`batched_forward`);
+    `choice` (default: $FEDGE_SERVE_FORWARD, else "auto") may force either."""
+    choice = (choice or os.environ.get("FEDGE_SERVE_FORWARD", "") or "auto").strip().lower()
+    if choice not in ("auto", "lean", "hf"):
+        raise ValueError(f"forward path must be auto, lean or hf, not {choice!r}")
+    if choice == "lean" and not LeanBatchForward.available(model):
+        raise ValueError(f"the lean forward does not support {type(model).__name__}")
+    return "hf" if choice == "hf" or not LeanBatchForward.available(model) else "lean"
 
 
 class VerifierEngine:
     def __init__(self, model: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 limits: Limits | None = None, shard: int | str = 0, adapters: AdapterRegistry | None = None):
+                 limits: Limits | None = None, shard: int | str = 0, adapters: AdapterRegistry | None = None,
+                 forward: str | None = None):
         self.model = model.eval()
+        self.forward_path = forward_path(self.model, forward)
+        self._lean = LeanBatchForward(self.model) if self.forward_path == "lean" else None
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.limits = limits or Limits()
@@ -171,6 +115,8 @@ class VerifierEngine:
         self.forward_s = 0.0
         self.tokens_generated = 0
         self.batch_sizes: list[int] = []
+        self.costs: LiveCostCurve | None = None  # set by `measure_costs` (the replica does, at start-up)
+        self.load = LoadMeter()
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(self, tokenizer_fingerprint: str, model_fingerprint: str, adapter_version: str,
@@ -190,11 +136,13 @@ class VerifierEngine:
                                  adapter_row=adapter_row, owner=device_id)
             self.sessions[sid] = entry
         start = time.perf_counter()
-        # prefill all but the last prompt token now, so the first round only feeds 1 + k positions;
-        # chunk by chunk, each its own turn of the forward lock, so waiting rounds go between
-        for row in sequence.prefill_rows(self.limits.prefill_chunk):
-            with self._forward_lock.turn("prefill"), self.adapters.rows([entry.adapter_row]):
-                batched_forward(self.model, [row])
+        # a short prompt on the lean path is fed by its first round (packed with the others' rounds, so
+        # sessions opened together share that forward); otherwise all but the last prompt token is
+        # prefilled now, chunk by chunk, each its own turn of the forward lock, so waiting rounds go between
+        in_round = self._lean is not None and len(prompt_ids) - 1 <= self.limits.prefill_in_round
+        for row in () if in_round else sequence.prefill_rows(self.limits.prefill_chunk):
+            with self._forward_lock.turn("prefill"):
+                self.forward_rows([row], [entry.adapter_row])
                 self.forwards += 1
         return OpenedSession(session_id=sid, position=len(entry.tokens), max_draft_len=self.limits.max_draft_len,
                              max_q_support=self.limits.max_q_support, prefill_s=time.perf_counter() - start)
@@ -335,7 +283,7 @@ class VerifierEngine:
                 if entry.id in seen:
                     raise VerifierError("ABORTED", "two rounds of one session in flight at once")
                 seen.add(entry.id)
-                work.append(_Work(i, entry, q, list(rnd.draft_ids), rnd.position))
+                work.append(_Work(i, entry, q, list(rnd.draft_ids), rnd.position, rnd.arrived))
             except VerifierError as exc:
                 replies[i] = exc.refusal()
         for chunk_start in range(0, len(work), self.limits.max_batch):
@@ -343,33 +291,59 @@ class VerifierEngine:
         return replies  # type: ignore[return-value]
 
     def _run(self, work: list[_Work], replies: list, start: float) -> None:
-        # sessions of very different lengths go in separate forwards: no row padded to a far longer one
         rows = [w.entry.sequence.row(w.draft_ids) for w in work]
+        if self._lean is not None:  # packed rows: nothing is padded, so every round shares one forward
+            self._run_group(work, rows, replies, start)
+            return
+        # padded batch: sessions of very different lengths go in separate forwards
         for group in pack_rows(rows):
             self._run_group([work[i] for i in group], [rows[i] for i in group], replies, start)
 
-    def _run_group(self, work: list[_Work], rows: list, replies: list, start: float) -> None:
-        with self._forward_lock, self.adapters.rows([w.entry.adapter_row for w in work]):
+    def forward_rows(self, rows: list[Row], adapter_rows: list[int]) -> list[torch.Tensor]:
+        """One target forward over `rows` (call holding the forward lock), each row with its adapter."""
+        if self._lean is not None:  # each packed position is a row of its own for the adapter bank
+            with self.adapters.rows([a for r, a in zip(rows, adapter_rows, strict=True) for _ in r.feed]):
+                return self._lean(rows)
+        with self.adapters.rows(adapter_rows):
+            return batched_forward(self.model, rows)
+
+    def _run_group(self, work: list[_Work], rows: list[Row], replies: list, start: float) -> None:
+        with self._forward_lock:
             t0 = time.perf_counter()
-            logits = batched_forward(self.model, rows)
-            self.forward_s += time.perf_counter() - t0
+            logits = self.forward_rows(rows, [w.entry.adapter_row for w in work])
+            forward_s = time.perf_counter() - t0
+            self.forward_s += forward_s
             self.forwards += 1
         self.batch_sizes.append(len(rows))
+        self.load.observe(len(rows))
+        if self.costs is not None:
+            self.costs.observe(sum(len(r.feed) for r in rows), forward_s)
         results = self._judge_greedy(work, logits)
         for j, w in enumerate(work):
             if j not in results:  # sampled: each session judges with its own generator
                 results[j] = w.entry.verifier.judge(logits[j], w.draft_ids, w.q)
-        elapsed = time.perf_counter() - start
+        done = time.perf_counter()
         now = time.monotonic()
         for j, w in enumerate(work):
             n, next_id = results[j]
             w.entry.verifier.advance(w.draft_ids, n, next_id)
-            reply = RoundReply(n_accepted=n, next_id=next_id, verify_s=elapsed, batch_size=len(work),
-                               position=len(w.entry.tokens))
+            since = w.arrived or start  # the replica's time for this round: from arrival to verdict
+            reply = RoundReply(n_accepted=n, next_id=next_id, verify_s=done - since, batch_size=len(work),
+                               position=len(w.entry.tokens), queue_s=max(0.0, t0 - since), forward_s=forward_s)
             w.entry.last_position, w.entry.last_draft, w.entry.last_reply = w.position, tuple(w.draft_ids), reply
             w.entry.last_used = now
             self.tokens_generated += n + 1
             replies[w.index] = reply
+
+    def measure_costs(self, sessions: tuple[int, ...] = (1, 4, 8, 16), widths: tuple[int, ...] = (1, 3, 5, 9),
+                      context: int = 64, repeats: int = 3) -> CostCurve:
+        """This replica's cost curve, timed on its own forward path (a few seconds at start-up); the
+        forwards it serves afterwards keep it current (`LiveCostCurve`)."""
+        with self._forward_lock:
+            curve = measure_cost_curve(self.model, sessions, widths, context, repeats,
+                                       forward=lambda rows: self.forward_rows(rows, [-1] * len(rows)))
+        self.costs = LiveCostCurve(curve, context)
+        return curve
 
     @staticmethod
     def _judge_greedy(work: list[_Work], logits: list[torch.Tensor]) -> dict[int, tuple[int, int]]:
@@ -393,7 +367,17 @@ class VerifierEngine:
     def info(self) -> ReplicaInfo:
         with self._lock:
             n = len(self.sessions)
+        curve = self.costs.curve() if self.costs is not None else None
         return ReplicaInfo(sessions=n, vocab_size=self.vocab_size, forwards=self.forwards, forward_s=self.forward_s,
                            tokens_generated=self.tokens_generated, model_fingerprint=self.model_fingerprint,
                            tokenizer_fingerprint=self.tokenizer_fingerprint,
-                           mean_batch=sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0)
+                           mean_batch=sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0,
+                           cost_positions=curve.positions if curve else (), cost_seconds=curve.seconds if curve else (),
+                           cost_context=self.costs.context if self.costs else 0, load=self.load.value,
+                           active_sessions=self.active_sessions(), forward_path=self.forward_path)
+
+    def active_sessions(self, window_s: float = 2.0) -> int:
+        """Sessions that ran a round in the last `window_s` seconds (expected back soon)."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self.sessions.values() if now - s.last_used < window_s)

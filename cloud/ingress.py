@@ -175,9 +175,11 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         try:
             async for replies in _guarded(stream, context):
                 refusal = next((r for r in replies if isinstance(r, Refusal)), None)
-                tokens = [r.next_id for r in replies if not isinstance(r, Refusal)]
-                if tokens:
-                    yield fedge_pb2.GenerateReply(token_ids=tokens)
+                done = [r for r in replies if not isinstance(r, Refusal)]
+                if done:
+                    yield fedge_pb2.GenerateReply(token_ids=[r.next_id for r in done],
+                                                  forward_s=sum(r.forward_s for r in done),
+                                                  queue_s=sum(r.queue_s for r in done))
                 if refusal is not None:
                     await context.abort(_status(refusal), refusal.message)
         finally:  # the caller went away (cancelled, disconnected) or the stream ended: stop computing for it
@@ -195,6 +197,7 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
         if not infos:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no verifier replica answered")
         lim = self.limits
+        ingress_cpu = process_cpu_s()
         return fedge_pb2.HealthReply(
             status="SERVING", model=self.model, model_fingerprint=self.static.model_fingerprint,
             tokenizer_fingerprint=self.static.tokenizer_fingerprint, vocab_size=self.static.vocab_size,
@@ -203,8 +206,20 @@ class VerifierIngress(fedge_pb2_grpc.VerifierServicer):
             max_message_bytes=self.max_message_bytes, idle_timeout_s=lim.idle_timeout_s,
             cloud_cpu_s=process_tree_cpu_s(), target_forwards=sum(i.forwards for i in infos),
             tokens_generated=sum(i.tokens_generated for i in infos), forward_s=sum(i.forward_s for i in infos),
-            serving_cpu_s=process_cpu_s() + sum(i.process_cpu_s for i in infos),
-            adapter_versions=(await asyncio.to_thread(self.registry.snapshot)).versions())
+            serving_cpu_s=ingress_cpu + sum(i.process_cpu_s for i in infos), ingress_cpu_s=ingress_cpu,
+            adapter_versions=(await asyncio.to_thread(self.registry.snapshot)).versions(),
+            **_costs(infos))
+
+
+def _costs(infos: list[ReplicaInfo]) -> dict:
+    """Health's cost fields: the curve of the first replica that measured one (replicas run the same
+    model on like hardware), the mean load and the total of active sessions."""
+    measured = next((i for i in infos if len(i.cost_positions) >= 2), None)
+    return {"cost_positions": measured.cost_positions if measured else (),
+            "cost_seconds": measured.cost_seconds if measured else (),
+            "cost_context": measured.cost_context if measured else 0,
+            "load": sum(i.load for i in infos) / len(infos), "active_sessions": sum(i.active_sessions for i in infos),
+            "forward_path": ",".join(sorted({i.forward_path for i in infos if i.forward_path}))}
 
 
 async def _guarded(stream, context):

@@ -70,6 +70,7 @@ class ContinuousBatchScheduler:
             return Refusal(RefusalCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:200]}")
 
     async def verify(self, rnd: Round) -> RoundReply | Refusal:
+        rnd.arrived = time.perf_counter()  # its reply's queue_s counts from here
         self._ensure_running()
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((rnd, fut))
@@ -157,7 +158,8 @@ class ContinuousBatchScheduler:
         rounds = [r for r, _ in batch]
         for sid in gen_ids:
             entry = self.engine.sessions.get(sid)
-            rounds.append(Round(sid, len(entry.tokens) if entry else -1, [], device_id=self._gens[sid].device_id))
+            rounds.append(Round(sid, len(entry.tokens) if entry else -1, [], device_id=self._gens[sid].device_id,
+                                arrived=time.perf_counter()))
         try:
             replies = await asyncio.to_thread(self.engine.verify_many, rounds)
         except Exception as exc:  # a bug: fail this step's callers, keep serving

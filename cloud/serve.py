@@ -95,6 +95,9 @@ class FrontEnd:
 
     async def start(self) -> int:
         cfg = self.cfg
+        # each replica's cost curve, measured now that Ray and Serve are up (new calls round-robin)
+        for _ in range(cfg.scaling.autoscale_min or cfg.scaling.replicas):
+            await self.handle.calibrate.remote()
         static = await self.handle.info.remote()  # fingerprints for Health, from the weights a replica loaded
         registry = AdapterRegistry(cfg.adapters_dir, cfg.adapter_pubkey, static.model_fingerprint,
                                    poll_s=cfg.adapter_poll_s)

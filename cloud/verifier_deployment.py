@@ -13,13 +13,18 @@ and tests and the edge never need it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from fedge.cloud.adapter_registry import AdapterRegistry
 from fedge.cloud.engine import Limits, VerifierEngine
+
+log = logging.getLogger(__name__)
 
 VERIFIER_APP = "fedge-verifier"  # the Serve application `fedge cloud serve` deploys the verifier as
 ROUTER = "fedge.cloud.session_router.SessionAffinityRouter"  # imported where each handle routes
@@ -100,6 +105,10 @@ def verifier_deployment():
         async def close_session(self, session_id: str, device_id: str = ""):
             return self.scheduler.close_session(session_id, device_id)
 
+        async def calibrate(self) -> dict[int, float]:
+            """Measure this replica's cost curve now (a few seconds of forwards)."""
+            return await asyncio.to_thread(calibrate, self.engine)
+
         async def info(self, replica: str = ""):
             """This replica's counters; None if `replica` (which the router routes by) names another one."""
             if replica and replica != self.engine.shard:
@@ -129,6 +138,18 @@ def load_engine(model: str, limits: Limits, shard: str, threads: int, adapters_d
     adapters = AdapterRegistry(adapters_dir, adapter_pubkey, fingerprint, poll_s=adapter_poll_s,
                                min_rescan_s=0.0)  # only versions the ingress approved get here
     return VerifierEngine(target, fingerprint, tokenizer_fingerprint(tokenizer), limits, shard, adapters=adapters)
+
+
+def calibrate(engine: VerifierEngine) -> dict[int, float]:
+    """Time the engine's own forward path for its cost curve (phones choose k by it, via Health);
+    returns {positions: ms}. The front end asks each replica once Ray and Serve are up, not in the
+    replica's constructor, where Ray's own start-up competes for the cores."""
+    start = time.perf_counter()
+    curve = engine.measure_costs()
+    points = {p: round(s * 1000, 1) for p, s in zip(curve.positions, curve.seconds, strict=True)}
+    log.warning("fedge verifier %s: %s forward, cost curve %s (positions: ms) measured in %.1f s", engine.shard,
+                engine.forward_path, points, time.perf_counter() - start)
+    return points
 
 
 def process_cpu_s() -> float:

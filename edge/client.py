@@ -27,7 +27,7 @@ from fedge.edge.remote_verifier import RemoteVerifier, refused
 from fedge.models import encode_prompt
 from fedge.protocol import fedge_pb2
 from fedge.sampling import SamplingParams
-from fedge.speculative import DraftLengthController, GenerationStats, speculative_generate
+from fedge.speculative import CostCurve, DraftLengthController, GenerationStats, speculative_generate
 
 __all__ = ["CloudLink", "EdgeClient", "EdgeConfig", "EdgeError", "EdgeResult", "EdgeStats", "NetworkProfile"]
 
@@ -36,8 +36,13 @@ class EdgeClient:
     """One device's draft model and its link to the cloud; each generation opens its own cloud session."""
 
     def __init__(self, draft: torch.nn.Module, model_fingerprint: str, tokenizer_fingerprint: str,
-                 config: EdgeConfig | None = None, tokenizer=None, adapter_version: str = ""):
+                 config: EdgeConfig | None = None, tokenizer=None, adapter_version: str = "",
+                 drafter_factory: Callable[..., Drafter] = Drafter):
         self.draft = draft
+        # (draft, prompt_ids, params, seed, q_support=) -> Drafter; a simulation may draft elsewhere
+        self.drafter_factory = drafter_factory
+        # simulations: {prompt: {sequence length: the draft's greedy proposal}} (see PacedProposer)
+        self.replay_drafts: dict[tuple[int, ...], dict[int, list[int]]] = {}
         self.model_fingerprint = model_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.config = config or EdgeConfig()
@@ -51,6 +56,7 @@ class EdgeClient:
                 raise EdgeError("tls_dir is set but device_id is not: mutual TLS needs this device's certificate")
             credentials = device_channel_credentials(self.config.tls_dir, self.config.device_id)
         self.link = CloudLink(self.config.server, self.config.network, self.config.rpc_timeout_s, credentials)
+        self._costs: tuple[float, CostCurve | None, float] | None = None  # (when asked, curve, load)
 
     @classmethod
     def from_draft_dir(cls, server: str, draft_dir: str, config: EdgeConfig | None = None) -> EdgeClient:
@@ -66,6 +72,22 @@ class EdgeClient:
 
     def close(self) -> None:
         self.link.close()
+
+    def cloud_costs(self) -> tuple[CostCurve | None, float]:
+        """The cloud's cost curve and load from its Health reply (asked again every `cost_refresh_s`);
+        (None, 0) from a cloud that reports none, or when Health does not answer."""
+        now = time.monotonic()
+        if self._costs is None or now - self._costs[0] > self.config.cost_refresh_s:
+            curve, load = None, 0.0
+            try:
+                health = self.health(timeout_s=self.config.rpc_timeout_s)
+                if len(health.cost_positions) >= 2 and len(health.cost_positions) == len(health.cost_seconds):
+                    curve = CostCurve(tuple(health.cost_positions), tuple(health.cost_seconds))
+                load = health.load or float(health.active_sessions)
+            except (grpc.RpcError, ValueError):
+                pass  # no curve: k comes from measured round times alone
+            self._costs = (now, curve, load)
+        return self._costs[1], self._costs[2]
 
     # ---- edge-assisted generation -------------------------------------------------------------
     def _open_request(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> fedge_pb2.OpenSessionRequest:
@@ -88,8 +110,11 @@ class EdgeClient:
         params = params or SamplingParams()
         cfg = self.config
         stats = EdgeStats()
-        drafter = Drafter(self.draft, prompt_ids, params, seed, q_support=cfg.q_support)
-        remote = RemoteVerifier(self.link, self._open_request([], params, seed), prompt_ids, cfg.k_max, stats)
+        drafter = self.drafter_factory(self.draft, prompt_ids, params, seed, q_support=cfg.q_support)
+        controller = DraftLengthController(k_max=cfg.k_max, fixed_k=cfg.fixed_k, draft_budget_s=cfg.draft_budget_s)
+        curve, load = self.cloud_costs() if cfg.load_aware and cfg.fixed_k is None else (None, 0.0)
+        remote = RemoteVerifier(self.link, self._open_request([], params, seed), prompt_ids, cfg.k_max, stats,
+                                controller, curve, load)
         transcript = Transcript(stats, on_tokens or (lambda kind, tokens: None))
 
         def text_complete() -> bool:
@@ -97,18 +122,24 @@ class EdgeClient:
             return len(text) >= max_new_tokens or any(t in stop_ids for t in text)
 
         verifier = OfflineTolerantVerifier(remote, drafter, transcript, cfg, text_complete)
-        controller = DraftLengthController(k_max=cfg.k_max, fixed_k=cfg.fixed_k, draft_budget_s=cfg.draft_budget_s)
+        proposer = drafter if cfg.phone_tokens_per_s is None else \
+            PacedProposer(drafter, cfg.phone_tokens_per_s, stats, self.replay_drafts.get(tuple(prompt_ids)))
         rounds = GenerationStats()
+        network0 = self.link.delay_s
         start = time.perf_counter()
         try:
-            out = speculative_generate(drafter, verifier, max_new_tokens, controller, stop_ids,
+            out = speculative_generate(proposer, verifier, max_new_tokens, controller, stop_ids,
                                        transcript.add_verified, rounds).token_ids
         except OfflineDeadline:  # the tail stays draft-only
             out = _cut(transcript.shown, max_new_tokens, stop_ids)
         if verifier.online:
             remote.close()
         stats.drafted, stats.accepted, stats.ks = rounds.drafted, rounds.accepted, rounds.ks
+        stats.rejected = rounds.rejected
         stats.draft_s += rounds.draft_s
+        if cfg.phone_tokens_per_s is None:
+            stats.draft_compute_s = stats.draft_s
+        stats.network_s = self.link.delay_s - network0
         stats.wall_s = time.perf_counter() - start
         return EdgeResult(token_ids=out, verified=[i < transcript.verified for i in range(len(out))],
                           offline_spans=transcript.spans(len(out)), stats=stats)
@@ -127,6 +158,7 @@ class EdgeClient:
                            stop_ids: set[int] | frozenset[int] = frozenset()) -> EdgeResult:
         """The cloud generates every token (greedy) and streams them; nothing is drafted here."""
         stats = EdgeStats()
+        network0 = self.link.delay_s
         start = time.perf_counter()
         try:
             session = self.link.call("OpenSession", self._open_request(prompt_ids, SamplingParams(), 0)).session_id
@@ -140,6 +172,8 @@ class EdgeClient:
             while (item := next_message()) is not None:
                 msg, at = item
                 out.extend(msg.token_ids)
+                stats.forward_s += msg.forward_s
+                stats.queue_s += msg.queue_s
                 stats.token_latency_s.extend([(at - last) / len(msg.token_ids)] * len(msg.token_ids))
                 last = at
         except grpc.RpcError as exc:  # the cloud ended the stream with a refusal or went away: say so, once
@@ -150,8 +184,49 @@ class EdgeClient:
             except grpc.RpcError:
                 pass
         stats.rounds = len(out)
+        stats.network_s = self.link.delay_s - network0
         stats.wall_s = time.perf_counter() - start
         return EdgeResult(token_ids=out, verified=[True] * len(out), offline_spans=[], stats=stats)
+
+
+class PacedProposer:
+    """A `Proposer` for an emulated device: k drafts take exactly k / tokens_per_s as the phone sees
+    it. A computation that finished early is waited out; one that ran late (this machine was busy) is
+    counted in `stats.draft_overrun_s`.
+
+    `replay` (simulations, greedy only): the draft's own greedy proposals after each verified length,
+    computed beforehand with the same draft model ({sequence length: draft ids}); a round whose
+    proposal is there takes it instead of computing it again now, so N simulated phones need not
+    share this machine's cores with the cloud they measure. Anything else is drafted live."""
+
+    def __init__(self, drafter: Drafter, tokens_per_s: float, stats: EdgeStats,
+                 replay: dict[int, list[int]] | None = None):
+        if not tokens_per_s > 0:
+            raise EdgeError(f"phone_tokens_per_s must be > 0, not {tokens_per_s}")
+        self.drafter, self.tokens_per_s, self.stats = drafter, tokens_per_s, stats
+        self.replay = replay if drafter.params.greedy else None
+
+    def propose(self, k: int):
+        start = time.perf_counter()
+        proposal = self._replayed(k) or self.drafter.propose(k)
+        real = time.perf_counter() - start
+        budget = k / self.tokens_per_s
+        self.stats.draft_compute_s += real
+        if real < budget:
+            time.sleep(budget - real)
+        else:
+            self.stats.draft_overrun_s += real - budget
+        return proposal
+
+    def _replayed(self, k: int):
+        drafts = None if self.replay is None or self.drafter.unverified else self.replay.get(len(self.drafter.tokens))
+        if drafts is None or len(drafts) < k:
+            return None
+        self.stats.draft_replayed += 1
+        return list(drafts[:k]), ([] if self.drafter.q_support is not None else None)
+
+    def accept(self, tokens: list[int]) -> None:
+        self.drafter.accept(tokens)
 
 
 def _cut(tokens: list[int], max_new_tokens: int, stop_ids: set[int] | frozenset[int]) -> list[int]:

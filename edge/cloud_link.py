@@ -61,6 +61,7 @@ class CloudLink:
         self.credentials = credentials  # grpc.ChannelCredentials for (m)TLS; None = plaintext
         self.channel: grpc.Channel | None = None
         self.stub: fedge_pb2_grpc.VerifierStub | None = None
+        self.delay_s = 0.0  # emulated network time spent so far (calls; streams count their first message)
         self.connect()
 
     def connect(self) -> None:
@@ -83,6 +84,7 @@ class CloudLink:
         if self.network is not None:
             d = self.network.one_way_s(nbytes)
             if d > 0:
+                self.delay_s += d
                 time.sleep(d)
 
     def call(self, method: str, request, timeout_s: float | None = None):
@@ -101,8 +103,10 @@ class CloudLink:
 
         def read() -> None:
             try:
-                for msg in call:
+                for i, msg in enumerate(call):
                     extra = self.network.one_way_s(msg.ByteSize()) if self.network else 0.0
+                    if i == 0:  # later messages' delays overlap the stream's own pace
+                        self.delay_s += extra
                     inbox.put((msg, time.perf_counter() + extra))
                 inbox.put(None)
             except grpc.RpcError as exc:

@@ -18,7 +18,7 @@ from fedge.edge.client_types import EdgeError, EdgeStats
 from fedge.edge.cloud_link import SESSION_LOST, TRANSIENT, CloudLink
 from fedge.edge.drafter import SparseQ
 from fedge.protocol import fedge_pb2
-from fedge.speculative import VerifyReply
+from fedge.speculative import CostCurve, DraftLengthController, VerifyReply
 
 
 class CloudUnreachable(Exception):
@@ -38,10 +38,18 @@ class RemoteVerifier:
     """Implements `fedge.speculative.Verifier` against the cloud's session for one generation.
 
     `open_request` carries everything but the prompt (fingerprints, adapter, sampling, seed);
-    `tokens` is the prompt plus every token the target has verified, as on the cloud."""
+    `tokens` is the prompt plus every token the target has verified, as on the cloud.
+
+    Load-aware k: with a `controller` and the cloud's `cost_curve` (from Health), every reply's
+    batch size (sessions in the forward that verified it) updates the controller's load."""
 
     def __init__(self, link: CloudLink, open_request: fedge_pb2.OpenSessionRequest, prompt_ids: list[int],
-                 k_max: int, stats: EdgeStats):
+                 k_max: int, stats: EdgeStats, controller: DraftLengthController | None = None,
+                 cost_curve: CostCurve | None = None, load: float = 0.0):
+        self.controller = controller
+        self.load = load
+        if controller is not None and cost_curve is not None:
+            controller.cost_curve, controller.load = cost_curve, max(load, 1.0)
         self.link = link
         self.open_request = open_request
         self.tokens: list[int] = list(prompt_ids)
@@ -93,8 +101,20 @@ class RemoteVerifier:
         self.tokens.extend(list(draft_ids[:reply.n_accepted]) + [reply.next_id])
         self.stats.rounds += 1
         self.stats.round_s += round_s
+        self.stats.queue_s += reply.queue_s
+        self.stats.forward_s += reply.forward_s
         self.stats.batch_sizes.append(reply.batch_size)
-        return VerifyReply(n_accepted=reply.n_accepted, next_id=reply.next_id, verify_s=round_s)
+        self._observe_load(reply.batch_size)
+        return VerifyReply(n_accepted=reply.n_accepted, next_id=reply.next_id, verify_s=round_s,
+                           cloud_s=reply.verify_s)
+
+    def _observe_load(self, batch_size: int) -> None:
+        """Sessions per cloud forward, smoothed: what this phone's k + 1 positions are multiplied by."""
+        if batch_size <= 0:
+            return
+        self.load = float(batch_size) if self.load <= 0 else 0.7 * self.load + 0.3 * batch_size
+        if self.controller is not None and self.controller.cost_curve is not None:
+            self.controller.load = max(self.load, 1.0)
 
     def close(self) -> None:
         if self.session_id is None:

@@ -30,6 +30,7 @@ class VerifyReply:
     n_accepted: int  # how many of the draft tokens the target kept
     next_id: int  # the target's own token after them (correction or bonus)
     verify_s: float = 0.0  # time the verifier spent, for the edge's choice of k
+    cloud_s: float | None = None  # of verify_s, the remote verifier's own time (the rest is the network)
 
 
 class Verifier(Protocol):
@@ -154,7 +155,7 @@ class DraftLengthController:
         return min(near, key=lambda k: (cloud_cost_per_token(curve, self.load, a, k), k))
 
     def record(self, k: int, n_accepted: int, draft_s: float, verify_s: float,
-               round_trip_s: float | None = None) -> None:
+               round_trip_s: float | None = None, cloud_s: float | None = None) -> None:
         # acceptance: each round is n_accepted successes then one failure unless all k were kept
         self.accepted = self.smoothing * self.accepted + n_accepted
         self.rejected = self.smoothing * self.rejected + (1 if n_accepted < k else 0)
@@ -172,7 +173,7 @@ class DraftLengthController:
         if self.draft_budget_s is not None:
             self.draft_s = self.draft_budget_s
         if round_trip_s is not None:
-            rtt = max(0.0, round_trip_s - verify_s)
+            rtt = max(0.0, round_trip_s - (verify_s if cloud_s is None else cloud_s))
             self.rtt_s = rtt if self.rtt_s is None else self.smoothing * self.rtt_s + (1 - self.smoothing) * rtt
 
 
@@ -237,7 +238,7 @@ def speculative_generate(
         if on_tokens:
             on_tokens(new)
         _observe_cloud(controller, verifier)
-        controller.record(k, reply.n_accepted, t1 - t0, reply.verify_s, t2 - t1)
+        controller.record(k, reply.n_accepted, t1 - t0, reply.verify_s, t2 - t1, reply.cloud_s)
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += reply.n_accepted

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66\x65\x64ge.proto\x12\x08\x66\x65\x64ge.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xb5\x01\n\x12OpenSessionRequest\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fedge.v1.SamplingParams\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"y\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x15\n\rmax_draft_len\x18\x03 \x01(\x05\x12\x15\n\rmax_q_support\x18\x04 \x01(\x05\x12\x11\n\tprefill_s\x18\x05 \x01(\x02\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"o\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x11\n\tdraft_ids\x18\x03 \x03(\x05\x12%\n\x07\x64raft_q\x18\x04 \x03(\x0b\x32\x14.fedge.v1.SparseDist\"j\n\x0bVerifyReply\x12\x12\n\nn_accepted\x18\x01 \x01(\x05\x12\x0f\n\x07next_id\x18\x02 \x01(\x05\x12\x10\n\x08verify_s\x18\x03 \x01(\x02\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x05\"O\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x10\n\x08stop_ids\x18\x03 \x03(\x05\"\"\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x11\x43loseSessionReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x8a\x03\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x10\n\x08sessions\x18\x06 \x01(\x05\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\x05\x12\x15\n\rmax_draft_len\x18\t \x01(\x05\x12\x19\n\x11max_message_bytes\x18\n \x01(\x05\x12\x16\n\x0eidle_timeout_s\x18\x0b \x01(\x02\x12\x13\n\x0b\x63loud_cpu_s\x18\x0c \x01(\x01\x12\x17\n\x0ftarget_forwards\x18\r \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0e \x01(\x04\x12\x18\n\x10\x61\x64\x61pter_versions\x18\x0f \x03(\t\x12\x11\n\tforward_s\x18\x10 \x01(\x01\x12\x15\n\rserving_cpu_s\x18\x11 \x01(\x01\"&\n\x13\x46\x65tchAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"s\n\x0c\x41\x64\x61pterChunk\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x11\n\tfile_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t2\xd5\x02\n\x08Verifier\x12G\n\x0bOpenSession\x12\x1c.fedge.v1.OpenSessionRequest\x1a\x1a.fedge.v1.OpenSessionReply\x12\x38\n\x06Verify\x12\x17.fedge.v1.VerifyRequest\x1a\x15.fedge.v1.VerifyReply\x12@\n\x08Generate\x12\x19.fedge.v1.GenerateRequest\x1a\x17.fedge.v1.GenerateReply0\x01\x12J\n\x0c\x43loseSession\x12\x1d.fedge.v1.CloseSessionRequest\x1a\x1b.fedge.v1.CloseSessionReply\x12\x38\n\x06Health\x12\x17.fedge.v1.HealthRequest\x1a\x15.fedge.v1.HealthReply2L\n\x08\x41\x64\x61pters\x12@\n\x05\x46\x65tch\x12\x1d.fedge.v1.FetchAdapterRequest\x1a\x16.fedge.v1.AdapterChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66\x65\x64ge.proto\x12\x08\x66\x65\x64ge.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xb5\x01\n\x12OpenSessionRequest\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fedge.v1.SamplingParams\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"y\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x15\n\rmax_draft_len\x18\x03 \x01(\x05\x12\x15\n\rmax_q_support\x18\x04 \x01(\x05\x12\x11\n\tprefill_s\x18\x05 \x01(\x02\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"o\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x11\n\tdraft_ids\x18\x03 \x03(\x05\x12%\n\x07\x64raft_q\x18\x04 \x03(\x0b\x32\x14.fedge.v1.SparseDist\"\x8e\x01\n\x0bVerifyReply\x12\x12\n\nn_accepted\x18\x01 \x01(\x05\x12\x0f\n\x07next_id\x18\x02 \x01(\x05\x12\x10\n\x08verify_s\x18\x03 \x01(\x02\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x05\x12\x0f\n\x07queue_s\x18\x06 \x01(\x02\x12\x11\n\tforward_s\x18\x07 \x01(\x02\"O\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x10\n\x08stop_ids\x18\x03 \x03(\x05\"F\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x11\n\tforward_s\x18\x02 \x01(\x02\x12\x0f\n\x07queue_s\x18\x03 \x01(\x02\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x11\x43loseSessionReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xa2\x04\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x10\n\x08sessions\x18\x06 \x01(\x05\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\x05\x12\x15\n\rmax_draft_len\x18\t \x01(\x05\x12\x19\n\x11max_message_bytes\x18\n \x01(\x05\x12\x16\n\x0eidle_timeout_s\x18\x0b \x01(\x02\x12\x13\n\x0b\x63loud_cpu_s\x18\x0c \x01(\x01\x12\x17\n\x0ftarget_forwards\x18\r \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0e \x01(\x04\x12\x18\n\x10\x61\x64\x61pter_versions\x18\x0f \x03(\t\x12\x11\n\tforward_s\x18\x10 \x01(\x01\x12\x15\n\rserving_cpu_s\x18\x11 \x01(\x01\x12\x16\n\x0e\x63ost_positions\x18\x12 \x03(\x05\x12\x14\n\x0c\x63ost_seconds\x18\x13 \x03(\x01\x12\x14\n\x0c\x63ost_context\x18\x14 \x01(\x05\x12\x0c\n\x04load\x18\x15 \x01(\x01\x12\x17\n\x0f\x61\x63tive_sessions\x18\x16 \x01(\x05\x12\x14\n\x0c\x66orward_path\x18\x17 \x01(\t\x12\x15\n\ringress_cpu_s\x18\x18 \x01(\x01\"&\n\x13\x46\x65tchAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"s\n\x0c\x41\x64\x61pterChunk\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x11\n\tfile_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t2\xd5\x02\n\x08Verifier\x12G\n\x0bOpenSession\x12\x1c.fedge.v1.OpenSessionRequest\x1a\x1a.fedge.v1.OpenSessionReply\x12\x38\n\x06Verify\x12\x17.fedge.v1.VerifyRequest\x1a\x15.fedge.v1.VerifyReply\x12@\n\x08Generate\x12\x19.fedge.v1.GenerateRequest\x1a\x17.fedge.v1.GenerateReply0\x01\x12J\n\x0c\x43loseSession\x12\x1d.fedge.v1.CloseSessionRequest\x1a\x1b.fedge.v1.CloseSessionReply\x12\x38\n\x06Health\x12\x17.fedge.v1.HealthRequest\x1a\x15.fedge.v1.HealthReply2L\n\x08\x41\x64\x61pters\x12@\n\x05\x46\x65tch\x12\x1d.fedge.v1.FetchAdapterRequest\x1a\x16.fedge.v1.AdapterChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,26 +41,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEDIST']._serialized_end=441
   _globals['_VERIFYREQUEST']._serialized_start=443
   _globals['_VERIFYREQUEST']._serialized_end=554
-  _globals['_VERIFYREPLY']._serialized_start=556
-  _globals['_VERIFYREPLY']._serialized_end=662
-  _globals['_GENERATEREQUEST']._serialized_start=664
-  _globals['_GENERATEREQUEST']._serialized_end=743
-  _globals['_GENERATEREPLY']._serialized_start=745
-  _globals['_GENERATEREPLY']._serialized_end=779
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=781
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=822
-  _globals['_CLOSESESSIONREPLY']._serialized_start=824
-  _globals['_CLOSESESSIONREPLY']._serialized_end=859
-  _globals['_HEALTHREQUEST']._serialized_start=861
-  _globals['_HEALTHREQUEST']._serialized_end=876
-  _globals['_HEALTHREPLY']._serialized_start=879
-  _globals['_HEALTHREPLY']._serialized_end=1273
-  _globals['_FETCHADAPTERREQUEST']._serialized_start=1275
-  _globals['_FETCHADAPTERREQUEST']._serialized_end=1313
-  _globals['_ADAPTERCHUNK']._serialized_start=1315
-  _globals['_ADAPTERCHUNK']._serialized_end=1430
-  _globals['_VERIFIER']._serialized_start=1433
-  _globals['_VERIFIER']._serialized_end=1774
-  _globals['_ADAPTERS']._serialized_start=1776
-  _globals['_ADAPTERS']._serialized_end=1852
+  _globals['_VERIFYREPLY']._serialized_start=557
+  _globals['_VERIFYREPLY']._serialized_end=699
+  _globals['_GENERATEREQUEST']._serialized_start=701
+  _globals['_GENERATEREQUEST']._serialized_end=780
+  _globals['_GENERATEREPLY']._serialized_start=782
+  _globals['_GENERATEREPLY']._serialized_end=852
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=854
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=895
+  _globals['_CLOSESESSIONREPLY']._serialized_start=897
+  _globals['_CLOSESESSIONREPLY']._serialized_end=932
+  _globals['_HEALTHREQUEST']._serialized_start=934
+  _globals['_HEALTHREQUEST']._serialized_end=949
+  _globals['_HEALTHREPLY']._serialized_start=952
+  _globals['_HEALTHREPLY']._serialized_end=1498
+  _globals['_FETCHADAPTERREQUEST']._serialized_start=1500
+  _globals['_FETCHADAPTERREQUEST']._serialized_end=1538
+  _globals['_ADAPTERCHUNK']._serialized_start=1540
+  _globals['_ADAPTERCHUNK']._serialized_end=1655
+  _globals['_VERIFIER']._serialized_start=1658
+  _globals['_VERIFIER']._serialized_end=1999
+  _globals['_ADAPTERS']._serialized_start=2001
+  _globals['_ADAPTERS']._serialized_end=2077
 # @@protoc_insertion_point(module_scope)

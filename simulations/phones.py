@@ -29,12 +29,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from fedge.simulations.local_federation import free_port
+from fedge.simulations.phones_report import ModeResult, print_table, report
 
 PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -50,35 +50,6 @@ PROMPTS = [
     "def flatten(nested):\n",
     "def binary_search(items, target):\n",
 ]
-
-
-@dataclass
-class ModeResult:
-    outputs: list[list[int]]
-    tokens: int
-    wall_s: float
-    cloud_cpu_s: float
-    latencies_s: list[float]
-    forwards: int
-    forward_s: float
-    serving_cpu_s: float
-    acceptance: float = 0.0
-    mean_k: float = 0.0
-    mean_batch: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def cpu_s_per_token(self) -> float:
-        return self.cloud_cpu_s / self.tokens if self.tokens else float("inf")
-
-    def pct_ms(self, q: float) -> float:
-        if not self.latencies_s:
-            return 0.0
-        xs = sorted(self.latencies_s)
-        return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def start_cloud(model: str, port: int, *extra: str, timeout_s: float = 300.0) -> subprocess.Popen:
@@ -137,19 +108,33 @@ def _run_mode(mode: str, clients, prompts: list[list[int]], max_new: int, stop: 
     health1 = clients[0].health(timeout_s=30)
     if errors:
         raise RuntimeError(f"{len(errors)} phone(s) failed in {mode}: {errors[0]!r}")
-    outputs = [r.token_ids for r in results]
-    drafted = sum(r.stats.drafted for r in results)
-    ks = [k for r in results for k in r.stats.ks]
-    batches = [b for r in results for b in r.stats.batch_sizes]
+    return _mode_result(mode, [r.token_ids for r in results], [r.stats for r in results], wall, health0, health1)
+
+
+def _mode_result(mode: str, outputs: list[list[int]], stats: list, wall: float, health0, health1) -> ModeResult:
+    tokens = sum(len(o) for o in outputs)
+    forwards = health1.target_forwards - health0.target_forwards
+    drafted, accepted, rejected = (sum(getattr(s, f) for s in stats) for f in ("drafted", "accepted", "rejected"))
+    ks = [k for s in stats for k in s.ks]
+    batches = [b for s in stats for b in s.batch_sizes]
+    if mode == "cloud_only":  # a decoding step gives each session in it one token
+        mean_batch = tokens / forwards if forwards else 0.0
+    else:
+        mean_batch = sum(batches) / len(batches) if batches else 0.0
+    draft_s = sum(s.draft_s for s in stats)
     return ModeResult(
-        outputs=outputs, tokens=sum(len(o) for o in outputs), wall_s=wall,
-        cloud_cpu_s=health1.cloud_cpu_s - health0.cloud_cpu_s,
-        latencies_s=[x for r in results for x in r.stats.token_latency_s],
-        forwards=health1.target_forwards - health0.target_forwards,
+        outputs=outputs, tokens=tokens, wall_s=wall, cloud_cpu_s=health1.cloud_cpu_s - health0.cloud_cpu_s,
+        latencies_s=[x for s in stats for x in s.token_latency_s], forwards=forwards,
         forward_s=health1.forward_s - health0.forward_s,
         serving_cpu_s=health1.serving_cpu_s - health0.serving_cpu_s,
-        acceptance=sum(r.stats.accepted for r in results) / drafted if drafted else 0.0,
-        mean_k=sum(ks) / len(ks) if ks else 0.0, mean_batch=sum(batches) / len(batches) if batches else 0.0)
+        ingress_cpu_s=health1.ingress_cpu_s - health0.ingress_cpu_s,
+        acceptance=accepted / drafted if drafted else 0.0,
+        a_hat=accepted / (accepted + rejected) if accepted + rejected else 0.0,
+        mean_k=sum(ks) / len(ks) if ks else 0.0, mean_batch=mean_batch, ks=ks,
+        phone_wall_s=sum(s.wall_s for s in stats), network_s=sum(s.network_s for s in stats),
+        queue_s=sum(s.queue_s for s in stats), cloud_forward_s=sum(s.forward_s for s in stats), draft_s=draft_s,
+        draft_compute_s=sum(s.draft_compute_s for s in stats), draft_overrun_s=sum(s.draft_overrun_s for s in stats),
+        draft_replayed=sum(s.draft_replayed for s in stats))
 
 
 def measure_draft_s(draft, prompt_ids: list[int], tokens: int = 16) -> float:
@@ -225,90 +210,72 @@ def _start_phones_cloud(args: argparse.Namespace, console) -> tuple[subprocess.P
     return proc, f"127.0.0.1:{port}"
 
 
-def _run_both_modes(args: argparse.Namespace, draft, info, tokenizer, server: str, draft_s: float,
-                    adapter_version: str, prompts: list[list[int]], stop: set[int], console) -> dict[str, ModeResult]:
-    """One client per phone; cloud-only, then edge-assisted, with the same prompts."""
-    from rich.progress import Progress
-
+def _phone_clients(args: argparse.Namespace, draft, info, tokenizer, server: str, tokens_per_s: float,
+                   adapter_version: str, farm) -> list:
+    """One client per phone: its own channel, emulated link and draft session (drafted in `farm`)."""
     from fedge.edge.client import EdgeClient
     from fedge.edge.client_types import EdgeConfig
     from fedge.edge.cloud_link import NetworkProfile
+    from fedge.edge.drafter import Drafter
+    from fedge.simulations.phone_drafts import FarmSequence
+
+    def farm_drafter(model, prompt_ids, params, seed, q_support=None) -> Drafter:
+        drafter = Drafter(model, prompt_ids, params, seed, q_support=q_support)
+        drafter.sequence = FarmSequence(farm, prompt_ids)
+        return drafter
 
     clients = []
     for i in range(args.phones):
         net = NetworkProfile(args.rtt_ms, args.jitter_ms, args.bandwidth_mbps, args.loss, seed=i)
-        # the phones share this machine's cores, so each one's measured drafting time is inflated
-        # by the others; k is chosen with the speed a phone drafts at on its own
-        cfg = EdgeConfig(server=server, k_max=args.k_max, network=net, rpc_timeout_s=120.0, draft_budget_s=draft_s)
+        # each phone drafts at its device's speed, and chooses k with that speed
+        cfg = EdgeConfig(server=server, k_max=args.k_max, fixed_k=getattr(args, "fixed_k", None), network=net,
+                         rpc_timeout_s=120.0, draft_budget_s=1 / tokens_per_s, phone_tokens_per_s=tokens_per_s,
+                         load_aware=not getattr(args, "no_load_aware", False))
         clients.append(EdgeClient(draft, info.target_fingerprint, info.tokenizer_fingerprint, cfg, tokenizer,
-                                  adapter_version=adapter_version))
+                                  adapter_version=adapter_version,
+                                  drafter_factory=farm_drafter if farm is not None else Drafter))
+    return clients
+
+
+def _run_both_modes(args: argparse.Namespace, clients: list, prompts: list[list[int]], stop: set[int], draft,
+                    console) -> dict[str, ModeResult]:
+    """Cloud-only, then edge-assisted, with the same prompts and clients. With replayed drafts, the
+    draft's greedy proposals along the cloud-only output (the target's greedy text) are computed
+    in between, outside both measurements."""
+    from rich.progress import Progress
+
+    from fedge.simulations.phone_drafts import greedy_draft_table
+
     # warm-up outside the measurement (first-call costs in the replica and the client)
     clients[0].generate_ids(prompts[0], 4, stop_ids=stop)
     clients[0].cloud_generate_ids(prompts[0], 4, stop)
     results: dict[str, ModeResult] = {}
     with Progress(console=console) as bar:
         for mode in ("cloud_only", "edge_assisted"):
+            if mode == "edge_assisted" and _phone_drafts(args) == "replay":
+                task = bar.add_task("the draft's greedy proposals along the target's text (untimed)",
+                                    total=len(clients))
+                for client, prompt, output in zip(clients, prompts, results["cloud_only"].outputs, strict=True):
+                    if tuple(prompt) not in client.replay_drafts:
+                        client.replay_drafts[tuple(prompt)] = greedy_draft_table(
+                            draft, prompt, output, args.k_max, args.max_new_tokens)
+                    bar.advance(task)
             task = bar.add_task(f"{mode}: {args.phones} phones x {args.max_new_tokens} tokens", total=args.phones)
             results[mode] = _run_mode(mode, clients, prompts, args.max_new_tokens, stop,
                                       lambda task=task: bar.advance(task))
-    for c in clients:
-        c.close()
     return results
 
 
-def _report(args: argparse.Namespace, co: ModeResult, ea: ModeResult, identical: bool, checked_reference: bool,
-            draft_dir: Path, draft_quant: str, draft_s: float) -> dict:
-    return {
-        "phones": args.phones, "rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
-        "bandwidth_mbps": args.bandwidth_mbps, "loss": args.loss, "model": args.model, "draft": str(draft_dir),
-        "draft_quant": draft_quant, "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(),
-        "draft_ms_per_token_alone": draft_s * 1000,
-        "cloud_tokens_per_s_cloud_only": co.tokens_per_s,
-        "cloud_tokens_per_s_edge_assisted": ea.tokens_per_s,
-        "cloud_cpu_s_per_token_cloud_only": co.cpu_s_per_token,
-        "cloud_cpu_s_per_token_edge_assisted": ea.cpu_s_per_token,
-        "capacity_ratio": co.cpu_s_per_token / ea.cpu_s_per_token if ea.cpu_s_per_token else 0.0,
-        "p50_ms_per_token_cloud_only": co.pct_ms(0.5), "p95_ms_per_token_cloud_only": co.pct_ms(0.95),
-        "p50_ms_per_token_edge_assisted": ea.pct_ms(0.5), "p95_ms_per_token_edge_assisted": ea.pct_ms(0.95),
-        "greedy_identical": identical,
-        "greedy_checked_against": "cloud-only and local target greedy" if checked_reference else "cloud-only",
-        "tokens_cloud_only": co.tokens, "tokens_edge_assisted": ea.tokens,
-        "wall_s_cloud_only": co.wall_s, "wall_s_edge_assisted": ea.wall_s,
-        "cloud_cpu_s_cloud_only": co.cloud_cpu_s, "cloud_cpu_s_edge_assisted": ea.cloud_cpu_s,
-        "target_forwards_cloud_only": co.forwards, "target_forwards_edge_assisted": ea.forwards,
-        "acceptance_rate": ea.acceptance, "mean_k": ea.mean_k, "mean_batch_edge_assisted": ea.mean_batch,
-        # the same cost without Ray's daemons (GCS, raylet, Serve controller), whose CPU grows with
-        # wall time rather than with tokens: the ingress plus the verifier replicas only
-        "cloud_serving_cpu_s_per_token_cloud_only": co.serving_cpu_s / co.tokens if co.tokens else 0.0,
-        "cloud_serving_cpu_s_per_token_edge_assisted": ea.serving_cpu_s / ea.tokens if ea.tokens else 0.0,
-        "capacity_ratio_serving_processes": co.serving_cpu_s / ea.serving_cpu_s if ea.serving_cpu_s else 0.0,
-        "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
-        "cloud_forward_s_cloud_only": co.forward_s, "cloud_forward_s_edge_assisted": ea.forward_s,
-    }
+def _phone_drafts(args: argparse.Namespace) -> str:
+    return getattr(args, "phone_drafts", None) or "replay"
 
 
-def _print_table(args: argparse.Namespace, co: ModeResult, ea: ModeResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"fedge simulate phones: {args.phones} phones, RTT {args.rtt_ms:g}±{args.jitter_ms:g} ms, "
-                        f"{args.bandwidth_mbps:g} Mbit/s, loss {args.loss:g}")
-    table.add_column("metric")
-    table.add_column("cloud-only", justify="right")
-    table.add_column("edge-assisted", justify="right")
-    table.add_row("tokens", str(co.tokens), str(ea.tokens))
-    table.add_row("wall s", f"{co.wall_s:.1f}", f"{ea.wall_s:.1f}")
-    table.add_row("cloud tokens/s", f"{co.tokens_per_s:.1f}", f"{ea.tokens_per_s:.1f}")
-    table.add_row("cloud CPU s/token", f"{co.cpu_s_per_token * 1000:.1f} ms", f"{ea.cpu_s_per_token * 1000:.1f} ms")
-    table.add_row("target forwards", str(co.forwards), str(ea.forwards))
-    table.add_row("cloud forward s / serving CPU s / CPU s",
-                  f"{co.forward_s:.1f} / {co.serving_cpu_s:.1f} / {co.cloud_cpu_s:.1f}",
-                  f"{ea.forward_s:.1f} / {ea.serving_cpu_s:.1f} / {ea.cloud_cpu_s:.1f}")
-    table.add_row("p50 ms/token", f"{co.pct_ms(0.5):.0f}", f"{ea.pct_ms(0.5):.0f}")
-    table.add_row("p95 ms/token", f"{co.pct_ms(0.95):.0f}", f"{ea.pct_ms(0.95):.0f}")
-    table.add_row("acceptance / mean k / mean batch", "", f"{ea.acceptance:.2f} / {ea.mean_k:.1f} / "
-                                                          f"{ea.mean_batch:.1f}")
-    Console().print(table)
+def _yield_to_the_cloud(nice: int) -> None:
+    """From here on this process (the phones) runs at a lower priority than the cloud it measures:
+    the phones' real drafting then takes only the CPU the cloud leaves idle, as on separate devices,
+    while their time is accounted at the device profile. Threads started later inherit it."""
+    if nice > 0:
+        os.nice(nice)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -316,6 +283,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedge.models import encode_prompt
+    from fedge.simulations.phone_drafts import DraftFarm
 
     console = Console(stderr=True)
     if args.phones < 1:
@@ -324,29 +292,53 @@ def main(args: argparse.Namespace) -> int:
     draft, tokenizer, info, draft_dir, adapter_version = _load_phone_draft(args, console)
     prompts = [encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)], chat=False) for i in range(args.phones)]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    # this process (the phones, and the reference before them) computes on one thread: it does not
+    # fight the cloud for intra-op threads, and a one-thread forward does not stall on a busy machine
+    torch.set_num_threads(1)
     reference = None if args.no_reference else _local_reference(args, prompts, stop, adapter_version, console)
     proc, server = _start_phones_cloud(args, console)
+    farm = None
     try:
-        # the phones draft on this machine too: one thread each, so they do not fight the cloud for
-        # intra-op threads; the cloud's cost is measured as its own CPU time regardless
-        torch.set_num_threads(1)
-        draft_s = measure_draft_s(draft, prompts[0])
-        console.print(f"draft: {draft_s * 1000:.1f} ms/token on one thread, uncontended (each phone's drafting budget)")
-        results = _run_both_modes(args, draft, info, tokenizer, server, draft_s, adapter_version, prompts, stop,
-                                  console)
+        draft_s = measure_draft_s(draft, prompts[0])  # alone, before the phones yield to the cloud
+        tokens_per_s = getattr(args, "phone_tokens_per_s", None) or 1 / draft_s
+        console.print(f"draft alone: {draft_s * 1000:.1f} ms/token on one thread; phones draft at "
+                      f"{tokens_per_s:.1f} tokens/s (device profile)")
+        _yield_to_the_cloud(getattr(args, "phone_nice", 10))
+        if _phone_drafts(args) == "live" and not getattr(args, "no_draft_farm", False):
+            farm = DraftFarm(draft, threads=os.cpu_count() or 1)
+        clients = _phone_clients(args, draft, info, tokenizer, server, tokens_per_s, adapter_version, farm)
+        health = clients[0].health(timeout_s=30)
+        results = _run_both_modes(args, clients, prompts, stop, draft, console)
+        after = clients[0].health(timeout_s=30)  # its cost curve, rescaled by the forwards of the run
+        for c in clients:
+            c.close()
     except grpc.RpcError as exc:
         console.print(f"fedge: the cloud failed: {exc.code().name}: {exc.details()}")
         return 1
     finally:
+        if farm is not None:
+            farm.stop()
         if proc is not None:
             stop_cloud(proc)
 
     co, ea = results["cloud_only"], results["edge_assisted"]
     identical = co.outputs == ea.outputs and (reference is None or ea.outputs == reference)
-    report = _report(args, co, ea, identical, reference is not None, draft_dir, info.quant, draft_s)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    _print_table(args, co, ea)
-    print(f"capacity_ratio {report['capacity_ratio']:.2f} (serving processes only: "
-          f"{report['capacity_ratio_serving_processes']:.2f}), greedy_identical {identical} "
-          f"(checked against {report['greedy_checked_against']}); JSON: {args.json}")
+    extra = {"draft": str(draft_dir), "draft_quant": info.quant, "cpu_count": os.cpu_count(),
+             "draft_ms_per_token_alone": draft_s * 1000, "phone_tokens_per_s": tokens_per_s,
+             "phone_drafts": _phone_drafts(args), "draft_farm": farm is not None,
+             "phone_nice": getattr(args, "phone_nice", 10),
+             "fixed_k": getattr(args, "fixed_k", None), "load_aware": not getattr(args, "no_load_aware", False),
+             "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
+             "forward_path": health.forward_path, "cost_positions": list(health.cost_positions),
+             "cost_seconds_startup": list(health.cost_seconds), "cost_seconds": list(after.cost_seconds),
+             "cost_context": health.cost_context}
+    rep = report(args, co, ea, identical, reference is not None, extra)
+    Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    print_table(args, co, ea, rep)
+    predicted = (f", predicted {rep['predicted_capacity_ratio']:.2f} from the cost curve"
+                 if "predicted_capacity_ratio" in rep else "")
+    print(f"capacity_ratio {rep['capacity_ratio']:.2f}{predicted} (serving processes only: "
+          f"{rep['capacity_ratio_serving_processes']:.2f}), p50 ms/token {rep['p50_ms_per_token_cloud_only']:.0f} "
+          f"cloud-only vs {rep['p50_ms_per_token_edge_assisted']:.0f} edge-assisted, greedy_identical {identical} "
+          f"(checked against {rep['greedy_checked_against']}); JSON: {args.json}")
     return 0

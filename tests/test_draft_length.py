@@ -86,3 +86,25 @@ def test_cost_curve_measured_on_a_real_model(tiny):
     assert all(b >= a > 0 for a, b in zip(curve.seconds, curve.seconds[1:], strict=False))
     with pytest.raises(ValueError):
         measure_cost_curve(model, sessions=(1,), widths=(1,))
+
+
+def test_heavier_load_picks_smaller_k_on_the_verifiers_measured_curve(tiny):
+    from fedge.cloud.cost_curve import LiveCostCurve
+    from fedge.cloud.engine import Limits, VerifierEngine
+    from fedge.models import model_fingerprint, tokenizer_fingerprint
+
+    model, tok = tiny
+    engine = VerifierEngine(model, model_fingerprint(model), tokenizer_fingerprint(tok), Limits())
+    measured = engine.measure_costs(sessions=(1, 4, 16), widths=(1, 5, 9), context=16, repeats=3)
+    assert isinstance(engine.costs, LiveCostCurve) and engine.info().cost_positions == measured.positions
+    # served forwards then show the machine saturating past 80 positions: narrow ones cost what was
+    # measured, wide batches 50x that
+    for _ in range(20):
+        engine.costs.observe(4, measured(4))
+        engine.costs.observe(16, measured(16))
+        engine.costs.observe(144, 50 * measured(144))
+    curve = engine.costs.curve()
+    assert curve(144) > 10 * measured(144) and curve.positions == measured.positions
+    light = _controller(curve, load=1, a=0.9, draft_s=0.0005, rtt_s=0.01).choose()
+    heavy = _controller(curve, load=16, a=0.9, draft_s=0.0005, rtt_s=0.01).choose()
+    assert heavy < light, (light, heavy, curve)

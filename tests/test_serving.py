@@ -152,6 +152,60 @@ def test_16_concurrent_sessions_are_batched_and_each_correct(cloud, tiny, noisy_
     assert max(max(r.stats.batch_sizes) for _, r in results.values()) > 1
 
 
+def test_health_carries_the_cost_curve_and_load_and_the_edge_takes_k_by_them(cloud, tiny, noisy_draft):
+    from fedge.edge.client_types import EdgeStats
+    from fedge.edge.drafter import Drafter
+    from fedge.edge.remote_verifier import RemoteVerifier
+    from fedge.speculative import CostCurve, DraftLengthController, speculative_generate
+
+    model, tok = tiny
+    client = client_for(cloud, tiny, noisy_draft)
+    health = client.health(timeout_s=30)
+    assert health.forward_path == "lean" and health.cost_context == 64
+    positions, seconds = list(health.cost_positions), list(health.cost_seconds)
+    assert len(positions) >= 4 and positions == sorted(set(positions))
+    assert all(b >= a > 0 for a, b in zip(seconds, seconds[1:], strict=False))
+    curve, _ = client.cloud_costs()
+    assert isinstance(curve, CostCurve) and curve.positions == tuple(positions)
+    ids = list(tok(PROMPTS[2])["input_ids"])
+    stats, controller = EdgeStats(), DraftLengthController(k_max=MAX_DRAFT)
+    remote = RemoteVerifier(client.link, client._open_request([], SamplingParams(), 0), ids, MAX_DRAFT, stats,
+                            controller, curve, load=3.0)
+    assert controller.cost_curve is curve and controller.load == 3.0
+    result = speculative_generate(Drafter(noisy_draft, ids, SamplingParams()), remote, 20, controller)
+    remote.close()
+    assert result.token_ids == autoregressive_generate(model, ids, 20)
+    assert controller.load == remote.load >= 1.0  # every reply's batch size moved it (from 3.0, alone: toward 1)
+    assert stats.forward_s > 0 and stats.queue_s >= 0 and stats.round_s > stats.forward_s
+    assert client.health(timeout_s=30).load >= 1.0
+    client.close()
+
+
+def test_simulate_phones_end_to_end_with_emulated_phone_timing(cloud, tmp_path):
+    import argparse
+    import json
+
+    from fedge.simulations import phones
+
+    args = argparse.Namespace(
+        phones=3, rtt_ms=10.0, jitter_ms=2.0, bandwidth_mbps=20.0, loss=0.0, model="tiny-random-llama", draft=None,
+        max_new_tokens=12, k_max=4, port=0, server=cloud, no_reference=False, json=str(tmp_path / "phones.json"),
+        cloud_batch_wait_ms=0.0, phone_tokens_per_s=300.0, phone_nice=0, phone_drafts="replay")
+    assert phones.main(args) == 0
+    rep = json.loads((tmp_path / "phones.json").read_text())
+    assert rep["greedy_identical"] and rep["greedy_checked_against"] == "cloud-only and local target greedy"
+    assert rep["tokens_cloud_only"] == rep["tokens_edge_assisted"] == 36
+    assert rep["phone_tokens_per_s"] == 300.0 and rep["forward_path"] == "lean"
+    assert rep["rounds_with_replayed_drafts"] == rep["rounds_edge_assisted"] > 0  # no phone drafted live
+    split = rep["latency_split_ms_per_token_edge_assisted"]
+    assert set(split) == {"drafting", "network", "queueing", "cloud_forward", "rpc_and_serving"}
+    # drafting as the phone sees it: k tokens take k / 300 s, however little the replay cost here
+    assert split["drafting"] * rep["tokens_edge_assisted"] >= 1000 * rep["mean_k"] * rep["rounds_edge_assisted"] / 300
+    assert split["network"] > 0 and split["cloud_forward"] > 0
+    assert rep["predicted_capacity_ratio"] > 0 and rep["capacity_ratio"] > 0
+    assert 0 < rep["acceptance_rate"] <= rep["acceptance_a_hat"] <= 1
+
+
 def _stub(server: str):
     channel = grpc.insecure_channel(server)
     return channel, fedge_pb2_grpc.VerifierStub(channel)

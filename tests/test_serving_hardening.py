@@ -128,17 +128,19 @@ def test_rows_are_padded_only_to_sessions_of_similar_length(tiny):
     for g in groups:  # padded size within 1.5x of what the group holds (+ the small free allowance)
         sizes = [rows[i].kv.length + 2 for i in g]
         assert max(sizes) * len(g) <= 1.5 * sum(sizes) + 64 * len(g)
-    # the engine runs such a batch as two forwards, each row still exact
-    model, _ = tiny
-    engine = _engine(tiny)
-    short, long_ = [3, 4, 5], [(7 * i) % 200 + 1 for i in range(600)]
-    sids = [_open(engine, tiny, p).session_id for p in (short, long_)]
-    before = engine.forwards
-    replies = engine.verify_many([Round(sids[0], 3, [6, 7]), Round(sids[1], 600, [8])])
-    assert engine.forwards - before == 2
-    for prompt, draft, reply in zip((short, long_), ([6, 7], [8]), replies, strict=True):
-        ref = TargetVerifierSession(model, prompt, SamplingParams()).verify(draft)
-        assert (reply.n_accepted, reply.next_id) == (ref.n_accepted, ref.next_id)
+    # the padded (HF) path runs such a batch as two forwards; the lean path pads nothing (packed rows,
+    # attention over each row's own cache), so one forward carries both; each row still exact
+    model, tok = tiny
+    for path, forwards in (("hf", 2), ("lean", 1)):
+        engine = VerifierEngine(model, model_fingerprint(model), tokenizer_fingerprint(tok), Limits(), forward=path)
+        short, long_ = [3, 4, 5], [(7 * i) % 200 + 1 for i in range(600)]
+        sids = [_open(engine, tiny, p).session_id for p in (short, long_)]
+        before = engine.forwards
+        replies = engine.verify_many([Round(sids[0], 3, [6, 7]), Round(sids[1], 600, [8])])
+        assert engine.forwards - before == forwards, path
+        for prompt, draft, reply in zip((short, long_), ([6, 7], [8]), replies, strict=True):
+            ref = TargetVerifierSession(model, prompt, SamplingParams()).verify(draft)
+            assert (reply.n_accepted, reply.next_id) == (ref.n_accepted, ref.next_id)
 
 
 def test_a_long_prefill_does_not_block_other_sessions_rounds(tiny):
