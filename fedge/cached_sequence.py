@@ -42,6 +42,15 @@ class CachedSequence:
         self.fed.extend(feed)
         return out.logits[0].float()
 
+    def greedy_tokens(self, n: int) -> list[int]:
+        """n greedy tokens, each accepted as drawn (the drafter's greedy loop)."""
+        out: list[int] = []
+        for _ in range(n):
+            token = int(self.logits()[-1].argmax())
+            out.append(token)
+            self.tokens.append(token)  # fed stays a prefix of tokens: nothing to roll back
+        return out
+
     def accept(self, new_tokens: list[int]) -> None:
         """Append tokens to the sequence; the cache keeps whatever prefix still matches."""
         self.tokens.extend(new_tokens)
