@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fedge.lean_weights import head_projection, layer_weights, module_signature, norm_of
 
 log = logging.getLogger(__name__)
+MAX_COMPILED_WIDTH = 16  # wider feeds (prefills) run eager: once per generation, not worth a graph
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LeanDecoder
 
 
@@ -74,7 +75,6 @@ class LeanDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.scaling = self.head_dim ** -0.5
         self.blocked = blocked
-        self.attention = os.environ.get("FEDGE_LEAN_ATTENTION", "manual")
         with torch.no_grad():
             probe = model.model.embed_tokens(torch.zeros(1, dtype=torch.long))
         self.dtype, self.device = probe.dtype, probe.device
@@ -137,42 +137,44 @@ class LeanDecoder:
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
         # rotate_half(x) * sin == roll(x, half) * (sign * sin): one roll instead of chunk, neg and cat
         self.cos, self.sin, self.table_len = cos[0], sin[0] * sign, length
+        self._positions = torch.arange(length, device=self.device)
 
-    def new_cache(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (layers, 1, n_kv, max_len, head_dim) in float32: attention runs in fp32 (as
-        SDPA accumulates), and a bf16 draft's keys and values convert exactly on the way in."""
-        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
+    def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values, one (n_kv, max_len, head_dim) float32 tensor per layer. fp32: attention runs in
+        fp32 (as SDPA accumulates) and a bf16 draft's keys convert exactly. One tensor per layer: a
+        compiled step then writes each in place (views of one big tensor would make it copy the whole)."""
         self._rope_upto(max_len)
-        return (torch.zeros(shape, dtype=torch.float32, device=self.device),
-                torch.zeros(shape, dtype=torch.float32, device=self.device))
+        shape = (self.n_kv, max_len, self.head_dim)
+        return ([torch.zeros(shape, device=self.device) for _ in self.layers],
+                [torch.zeros(shape, device=self.device) for _ in self.layers])
 
-    def _attention(self, i: int, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor,
+    def _attention(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, span: int, bias: torch.Tensor | None
                    ) -> torch.Tensor:
-        """Write this step's keys/values at `pos`, attend over the cache's first `span` positions."""
+        """Write this step's keys/values at `pos` of one layer's cache, attend over its first `span`."""
         width, hd, nq, nkv = qkv.shape[0], self.head_dim, self.n_heads, self.n_kv
         cos, sin = rope
         qk = qkv[:, : (nq + nkv) * hd].view(width, nq + nkv, hd)
         qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin  # RoPE on queries and keys at once
-        k_cache[i, 0].index_copy_(1, pos, qk[:, nq:].transpose(0, 1).float())
-        v_cache[i, 0].index_copy_(1, pos, qkv[:, (nq + nkv) * hd:].view(width, nkv, hd).transpose(0, 1).float())
+        k_cache.index_copy_(1, pos, qk[:, nq:].transpose(0, 1).float())
+        v_cache.index_copy_(1, pos, qkv[:, (nq + nkv) * hd:].view(width, nkv, hd).transpose(0, 1).float())
         # the queries of one kv head's group attend as one block, (n_kv, group * width, hd): no expanded keys
         q = qk[:, :nq].transpose(0, 1).reshape(nkv, (nq // nkv) * width, hd).float()
-        keys, values = k_cache[i, 0, :, :span], v_cache[i, 0, :, :span]
-        if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=bias,
-                                                 scale=self.scaling)[0]
+        keys, values = k_cache[:, :span], v_cache[:, :span]
+        if bias is None:
+            scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scaling)
         else:
-            if bias is None:
-                scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scaling)
-            else:
-                scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scaling)
-            out = torch.bmm(scores.softmax(-1), values)  # (n_kv, group * width, hd)
+            scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scaling)
+        out = torch.bmm(scores.softmax(-1), values)  # (n_kv, group * width, hd)
         return out.view(nq, width, hd).transpose(0, 1).reshape(width, nq * hd).to(qkv.dtype)
 
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              span: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ids (L,) at positions pos (L,); attend over cache[:span]; (logits, argmax) of the last `keep`."""
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
+              span: int | torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ids (L,) at positions pos (L,); attend over cache[:span]; the logits of the last `keep`
+        rows (None: all) and the argmax of the last one. A compiled step gets `span` as the length of a
+        tensor, so that it is one dynamic size rather than a constant per value."""
+        if isinstance(span, torch.Tensor):
+            span = span.shape[0]
         x = self.embed(ids)
         width = ids.shape[0]
         rope = self.cos[pos][:, None], self.sin[pos][:, None]
@@ -181,44 +183,52 @@ class LeanDecoder:
             visible = torch.arange(span, device=ids.device)[None, :] <= pos[:, None]
             bias = torch.zeros(visible.shape, device=ids.device).masked_fill_(~visible, float("-inf"))
             bias = bias.repeat(self.n_heads // self.n_kv, 1)
-        for i, layer in enumerate(self.layers):
-            x = x + layer.o(self._attention(i, layer.qkv(layer.input_norm(x)), rope, pos, k_cache, v_cache,
-                                            span, bias))
+        for layer, k_layer, v_layer in zip(self.layers, k_cache, v_cache, strict=True):
+            h = layer.qkv(layer.input_norm(x))
+            x = x + layer.o(self._attention(h, rope, pos, k_layer, v_layer, span, bias))
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        logits = self.head(self.final_norm(x[width - keep:])).float()
-        return logits, logits.argmax(-1)
+        logits = self.head(self.final_norm(x if keep is None else x[width - keep:])).float()
+        return logits, logits[-1].argmax()
 
-    def run(self, feed: list[int], start: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def run(self, feed: list[int], start: int, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
             keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (keep, V) float32, their argmax) for the last `keep` of `feed`, cached from `start`."""
+        """(logits (keep, V) float32, the last row's argmax) for the last `keep` of `feed`, cached from `start`."""
         n = len(feed)
         self.forward_calls += 1
         ids = torch.tensor(feed, dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + n, device=self.device)
         with torch.inference_mode():
-            if self.compile:
+            if self.compile and n <= MAX_COMPILED_WIDTH:
                 out = self._compiled_call(ids, pos, k_cache, v_cache, start + n, keep)
                 if out is not None:
                     return out
             return self._step(ids, pos, k_cache, v_cache, start + n, keep)
 
-    def forward(self, feed: list[int], start: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def forward(self, feed: list[int], start: int, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
                 keep: int) -> torch.Tensor:
         """Logits (keep, V) for the last `keep` of `feed`, written into the cache from `start`."""
         return self.run(feed, start, k_cache, v_cache, keep)[0]
 
     def _compiled_call(self, ids, pos, k_cache, v_cache, span: int, keep: int):
+        """Two graphs: one query (a draft step), and a few (verifies; a draft's two-token feed computes
+        its head for both and keeps the last, so that no third graph is compiled for it)."""
         if self._compiled is None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
             # every decoder's graphs hang off the one `_step` code object: room for a few models
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU
-            self._compiled = torch.compile(self._step, dynamic=True, backend=self.backend, mode=mode)
-        graph = "width 1" if ids.shape[0] == 1 else f"width n, keep {'1' if keep == 1 else 'n'}"
+            self._compiled = torch.compile(self._step, backend=self.backend, mode=mode)
+        width = ids.shape[0]
+        graph = "width 1" if width == 1 else "width n"
+        span_of = self._positions[:span]  # its length is the span: a dynamic size, not a constant
+        torch._dynamo.maybe_mark_dynamic(span_of, 0)
+        if width > 1:  # a size of 1 is always its own graph
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(pos, 0)
         start = time.perf_counter()
         try:
-            out = self._compiled(ids, pos, k_cache, v_cache, span, keep)
+            logits, top = self._compiled(ids, pos, k_cache, v_cache, span_of, None)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
             log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
             self.compile = False
@@ -226,13 +236,12 @@ class LeanDecoder:
         if graph not in self._seen:
             self._seen.add(graph)
             self.warmup_s[graph] = time.perf_counter() - start
-        return out
+        return logits[width - keep:], top
 
     def warm_up(self, max_len: int = 512) -> float:
-        """Compile ahead of time every graph a generation uses (prefill, draft step, verify); seconds."""
+        """Compile ahead of time both graphs a generation uses (draft steps, verifies); seconds."""
         start = time.perf_counter()
         k_cache, v_cache = self.new_cache(max_len)
-        self.run([0] * 8, 0, k_cache, v_cache, 1)  # a prefill (and the draft's two-token feed)
-        self.run([0], 8, k_cache, v_cache, 1)  # a draft step
-        self.run([0] * 4, 9, k_cache, v_cache, 4)  # a verify
+        self.run([0] * 4, 0, k_cache, v_cache, 4)  # a verify (and a draft's two-token feed)
+        self.run([0], 4, k_cache, v_cache, 1)  # a draft step
         return time.perf_counter() - start

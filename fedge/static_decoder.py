@@ -54,7 +54,7 @@ class StaticSequence(CachedSequence):
 
     @property
     def max_len(self) -> int:
-        return self.k_cache.shape[3]
+        return self.k_cache[0].shape[1]
 
     def _feed(self, extra: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         pending = self.tokens[len(self.fed):]
@@ -76,7 +76,7 @@ class StaticSequence(CachedSequence):
         """n greedy tokens, each accepted as drawn (the argmax comes out of the same forward)."""
         out: list[int] = []
         for _ in range(n):
-            token = int(self._feed(())[1][-1])
+            token = int(self._feed(())[1])
             out.append(token)
             self.tokens.append(token)
         return out
@@ -86,8 +86,8 @@ class StaticSequence(CachedSequence):
         if length <= self.max_len:
             return
         k_cache, v_cache = self.decoder.new_cache(self._bucket(length))
-        k_cache[:, :, :, :self.max_len] = self.k_cache
-        v_cache[:, :, :, :self.max_len] = self.v_cache
+        for new, old in zip(k_cache + v_cache, self.k_cache + self.v_cache, strict=True):
+            new[:, :old.shape[1]] = old
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def _crop(self, length: int) -> None:
