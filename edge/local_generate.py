@@ -5,7 +5,10 @@
     text, stats = gen.generate("def fibonacci(n):", max_new_tokens=64)
 
 The same loop as the edge client (`fedge.speculative.speculative_generate`), with the target's
-`TargetVerifierSession` in this process instead of the cloud's behind gRPC, and dense q.
+`TargetVerifierSession` in this process instead of the cloud's behind gRPC, and dense q. Both
+prompts are prefilled before the first round (so the first k is chosen from a round's costs), and a
+draft derived from the target takes the target's prompt keys/values instead of computing its own:
+one process holds both caches, and the int4 draft's prefill would cost more than the fp32 target's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fedge.edge.drafter import Drafter
 from fedge.models import encode_prompt, load_model
 from fedge.sampling import SamplingParams
 from fedge.speculative import DraftLengthController, GenerationStats, speculative_generate
+from fedge.static_decoder import StaticSequence
 from fedge.verifier_session import TargetVerifierSession
 
 
@@ -39,13 +43,16 @@ class SpeculativeGenerator:
     draft: torch.nn.Module
     tokenizer: object
     k_max: int = 8
+    # the draft was derived from this target (`load_draft(check_target=...)` passed): it may take the
+    # target's prompt keys/values instead of prefilling (`StaticSequence.adopt_prefix`)
+    draft_shares_target_prefill: bool = False
 
     @classmethod
     def load(cls, target_name: str, draft_dir: str) -> SpeculativeGenerator:
         """The target from the model registry and a draft built from it (`fedge draft build`)."""
         target, tokenizer = load_model(target_name)
-        draft, _, _ = load_draft(draft_dir, check_target=target)
-        return cls(target=target, draft=draft, tokenizer=tokenizer)
+        draft, _, _ = load_draft(draft_dir, check_target=target)  # raises unless derived from this target
+        return cls(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
                      params: SamplingParams | None = None, k: int | None = None, seed: int = 0,
@@ -54,6 +61,11 @@ class SpeculativeGenerator:
         params = params or SamplingParams()
         verifier = TargetVerifierSession(self.target, prompt_ids, params, seed=seed)
         drafter = Drafter(self.draft, prompt_ids, params, seed=seed)
+        verifier.sequence.prefill()  # both prompts now: k is then chosen from rounds, not from prefills
+        shared = self.draft_shares_target_prefill and isinstance(drafter.sequence, StaticSequence) \
+            and isinstance(verifier.sequence, StaticSequence) and drafter.sequence.adopt_prefix(verifier.sequence)
+        if not shared:
+            drafter.sequence.prefill()
         controller = DraftLengthController(k_max=self.k_max, fixed_k=k)
         eos = self.tokenizer.eos_token_id
         stop = {eos} if stop_at_eos and eos is not None else set()

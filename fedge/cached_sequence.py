@@ -42,6 +42,14 @@ class CachedSequence:
         self.fed.extend(feed)
         return out.logits[0].float()
 
+    def prefill(self) -> None:
+        """Feed the sequence now, all but its last token (which the next `logits` call feeds), so that
+        the first round of a generation is timed as a round and not as a prompt's prefill."""
+        if len(self.tokens) - len(self.fed) > 1:
+            last = self.tokens.pop()
+            self.logits()
+            self.tokens.append(last)
+
     def greedy_tokens(self, n: int) -> list[int]:
         """n greedy tokens, each accepted as drawn (the drafter's greedy loop)."""
         out: list[int] = []

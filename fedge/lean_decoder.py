@@ -230,7 +230,8 @@ class LeanDecoder:
         try:
             logits, top = self._compiled(ids, pos, k_cache, v_cache, span_of, None)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
-            log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, first)
             self.compile = False
             return None
         if graph not in self._seen:

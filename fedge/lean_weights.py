@@ -72,7 +72,20 @@ class DenseProjection:
         if self.blocked is None or x.shape[0] <= SMALL_ROWS:
             outs = [F.linear(x, w, b) for w, b in self.parts]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
+        return blocked_linear(x, self.blocked, self.bias, sum(w.shape[0] for w, _ in self.parts))
+
+
+@torch.library.custom_op("fedge::blocked_linear", mutates_args=())
+def blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int
+                   ) -> torch.Tensor:
+    """x @ W.T over a oneDNN-reordered W. An op of its own so that torch.compile calls it as it is
+    (inductor lowers the bare mkldnn op only for weights it packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+
+
+@blocked_linear.register_fake
+def _(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def _blocked_copy(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

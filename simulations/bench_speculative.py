@@ -129,7 +129,8 @@ def _run_prompt(target, tokenizer, drafts: dict, prompt: list[int], max_new_toke
         rec.tokens += len(assisted)
         rec.identical.append(assisted == reference)
 
-        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer)
+        # the drafts were loaded with check_target=target: derived from it, they may take its prompt prefill
+        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
         t0 = time.perf_counter()
         out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
         rec = totals[(dom, f"fedge[{name}]")]

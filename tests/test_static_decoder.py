@@ -143,6 +143,25 @@ def test_runner_follows_changes_to_the_model(tiny, tmp_path):
     assert LeanDecoder.for_model(target) is decoder  # one runner per model, re-packed in place
 
 
+def test_a_derived_draft_takes_the_target_prefill(tiny, tmp_path):
+    """The target's prompt keys/values serve the draft as they are (layer i for layer i): a sequence
+    adopting another's prefill computes the logits its own prefill gives, and generation stays the target's."""
+    from fedge.edge.local_generate import SpeculativeGenerator
+
+    model, tokenizer = tiny
+    prompt = tokenizer("def g(y):\n    return y *")["input_ids"]
+    source, own = StaticSequence(model, prompt), StaticSequence(model, prompt)
+    source.prefill()
+    adopter = StaticSequence(model, prompt)
+    assert adopter.adopt_prefix(source) == len(prompt) - 1 and adopter.fed == prompt[:-1]
+    torch.testing.assert_close(adopter.logits([4]), own.logits([4]), rtol=1e-4, atol=1e-4)
+    build_draft(DraftSpec(target="tiny-random-llama", keep_layers=1, quant="int4"), tmp_path / "d", progress=False)
+    draft = load_draft(tmp_path / "d", check_target=model)[0]
+    gen = SpeculativeGenerator(target=model, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
+    out, stats = gen.generate_ids(prompt, 20, stop_at_eos=False)
+    assert out == autoregressive_generate(model, prompt, 20) and stats.drafted > 0
+
+
 def _failing_backend(graph_module, example_inputs):
     raise RuntimeError("no compiler here")
 
