@@ -56,7 +56,7 @@ class Drafter:
             return self._last
         start_len = len(self.sequence.tokens)
         ids, qs = self._draft(k)
-        self.sequence.truncate(start_len)  # drafted tokens stay in the cache until the verdict
+        self.sequence.rewind(start_len)  # drafted tokens stay in the cache until the verdict
         self._last = (ids, self._pack(qs))
         return self._last
 

@@ -26,6 +26,23 @@ from fedge.speculative import DraftLengthController, GenerationStats, speculativ
 from fedge.static_decoder import StaticSequence
 from fedge.verifier_session import TargetVerifierSession
 
+SHARED_KV_DEFAULT = "prefill"
+
+
+@dataclass
+class _TargetFedDrafter:
+    """The drafter, whose cache takes the target's keys/values for each round's accepted tokens."""
+
+    drafter: Drafter
+    target_sequence: StaticSequence
+
+    def propose(self, k: int):
+        return self.drafter.propose(k)
+
+    def accept(self, tokens: list[int]) -> None:
+        self.drafter.accept(tokens)
+        self.drafter.sequence.adopt_prefix(self.target_sequence)
+
 
 def parse_k(value: str | int | None) -> int | None:
     """`auto` (None) or a fixed draft length."""
@@ -44,15 +61,16 @@ class SpeculativeGenerator:
     tokenizer: object
     k_max: int = 8
     # the draft was derived from this target (`load_draft(check_target=...)` passed): it may take the
-    # target's prompt keys/values instead of prefilling (`StaticSequence.adopt_prefix`)
-    draft_shares_target_prefill: bool = False
+    # target's keys/values instead of computing its own (`StaticSequence.adopt_prefix`): "prefill" for
+    # the prompt, "accepted" also for every accepted token after a round, "none"
+    draft_shares_target_kv: str = "none"
 
     @classmethod
     def load(cls, target_name: str, draft_dir: str) -> SpeculativeGenerator:
         """The target from the model registry and a draft built from it (`fedge draft build`)."""
         target, tokenizer = load_model(target_name)
         draft, _, _ = load_draft(draft_dir, check_target=target)  # raises unless derived from this target
-        return cls(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
+        return cls(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_kv=SHARED_KV_DEFAULT)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
                      params: SamplingParams | None = None, k: int | None = None, seed: int = 0,
@@ -62,14 +80,16 @@ class SpeculativeGenerator:
         verifier = TargetVerifierSession(self.target, prompt_ids, params, seed=seed)
         drafter = Drafter(self.draft, prompt_ids, params, seed=seed)
         verifier.sequence.prefill()  # both prompts now: k is then chosen from rounds, not from prefills
-        shared = self.draft_shares_target_prefill and isinstance(drafter.sequence, StaticSequence) \
-            and isinstance(verifier.sequence, StaticSequence) and drafter.sequence.adopt_prefix(verifier.sequence)
-        if not shared:
+        proposer = drafter
+        lean = isinstance(drafter.sequence, StaticSequence) and isinstance(verifier.sequence, StaticSequence)
+        if not (lean and self.draft_shares_target_kv != "none" and drafter.sequence.adopt_prefix(verifier.sequence)):
             drafter.sequence.prefill()
+        elif self.draft_shares_target_kv == "accepted":
+            proposer = _TargetFedDrafter(drafter, verifier.sequence)
         controller = DraftLengthController(k_max=self.k_max, fixed_k=k)
         eos = self.tokenizer.eos_token_id
         stop = {eos} if stop_at_eos and eos is not None else set()
-        result = speculative_generate(drafter, verifier, max_new_tokens, controller, stop, on_tokens)
+        result = speculative_generate(proposer, verifier, max_new_tokens, controller, stop, on_tokens)
         return result.token_ids, result.stats
 
     def generate(self, prompt: str, max_new_tokens: int = 64, params: SamplingParams | None = None,

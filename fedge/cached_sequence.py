@@ -64,6 +64,14 @@ class CachedSequence:
         self.tokens.extend(new_tokens)
         self._sync()
 
+    def rewind(self, length: int) -> None:
+        """Cut `tokens` back to `length` but keep the cache past it, as `logits(extra)` does: a drafter
+        proposes k tokens, rewinds, and the verdict's `accept` keeps the cached drafts it confirms
+        (a `truncate` here would drop them and the next forward would compute them again)."""
+        if not 0 < length <= len(self.tokens):
+            raise ValueError(f"cannot rewind a {len(self.tokens)}-token session to {length}")
+        del self.tokens[length:]
+
     def truncate(self, length: int) -> None:
         """Cut the sequence back to `length` tokens (rejected drafts), rolling the cache back."""
         if not 0 < length <= len(self.tokens):

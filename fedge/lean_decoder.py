@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from fedge.lean_weights import head_projection, layer_weights, module_signature, norm_of
 
@@ -85,7 +86,6 @@ class LeanDecoder:
         self.backend = backend or "inductor"
         self._compiled = None
         self.warmup_s: dict[str, float] = {}  # graph ("width 1", "width n") -> seconds of its first call
-        self._seen: set[str] = set()
         self.forward_calls = 0
         self._pack()
 
@@ -211,8 +211,8 @@ class LeanDecoder:
         return self.run(feed, start, k_cache, v_cache, keep)[0]
 
     def _compiled_call(self, ids, pos, k_cache, v_cache, span: int, keep: int):
-        """Two graphs: one query (a draft step), and a few (verifies; a draft's two-token feed computes
-        its head for both and keeps the last, so that no third graph is compiled for it)."""
+        """Graphs for one query (a draft step), two and a few (verifies; a feed's head is computed for all
+        its rows and the last `keep` returned, so that `keep` adds no graphs)."""
         if self._compiled is None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
             # every decoder's graphs hang off the one `_step` code object: room for a few models
@@ -220,12 +220,13 @@ class LeanDecoder:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU
             self._compiled = torch.compile(self._step, backend=self.backend, mode=mode)
         width = ids.shape[0]
-        graph = "width 1" if width == 1 else "width n"
+        graph = "width 1" if width == 1 else "width 2" if width == 2 else "width n"
         span_of = self._positions[:span]  # its length is the span: a dynamic size, not a constant
         torch._dynamo.maybe_mark_dynamic(span_of, 0)
         if width > 1:  # a size of 1 is always its own graph
             torch._dynamo.maybe_mark_dynamic(ids, 0)
             torch._dynamo.maybe_mark_dynamic(pos, 0)
+        graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         try:
             logits, top = self._compiled(ids, pos, k_cache, v_cache, span_of, None)
@@ -234,15 +235,19 @@ class LeanDecoder:
             log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, first)
             self.compile = False
             return None
-        if graph not in self._seen:
-            self._seen.add(graph)
-            self.warmup_s[graph] = time.perf_counter() - start
+        if counters["stats"]["unique_graphs"] > graphs:  # this call compiled a graph: warm-up, not decoding
+            label = graph if graph not in self.warmup_s else f"{graph} (recompiled)"
+            self.warmup_s[label] = self.warmup_s.get(label, 0.0) + time.perf_counter() - start
+            if label != graph:
+                log.warning("the lean step recompiled (%s) outside warm-up", graph)
         return logits[width - keep:], top
 
     def warm_up(self, max_len: int = 512) -> float:
-        """Compile ahead of time both graphs a generation uses (draft steps, verifies); seconds."""
+        """Compile ahead of time the graphs a generation uses (draft steps, verifies); seconds. Two
+        rows get a graph of their own: inductor guards the wider graph on at least three."""
         start = time.perf_counter()
         k_cache, v_cache = self.new_cache(max_len)
-        self.run([0] * 4, 0, k_cache, v_cache, 4)  # a verify (and a draft's two-token feed)
-        self.run([0], 4, k_cache, v_cache, 1)  # a draft step
+        self.run([0] * 4, 0, k_cache, v_cache, 4)  # a verify
+        self.run([0] * 2, 4, k_cache, v_cache, 2)  # a draft's two-token feed, a verify of one draft
+        self.run([0], 6, k_cache, v_cache, 1)  # a draft step
         return time.perf_counter() - start

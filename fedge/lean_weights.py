@@ -54,12 +54,15 @@ class Int8Projection:
         return torch._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.weight, self.scales)
 
 
-SMALL_ROWS = 2  # up to this many rows a float projection runs on its own weights (measured: GEMV is best)
+# a single row runs on the modules' own weights (GEMV is best there: 20 ms a forward against 26 ms
+# blocked); two rows were about even (24 against 27 ms) and join the blocked path, so that a compiled
+# step has one graph for one row and one for several, with no branch inside
+SMALL_ROWS = 1
 
 
 @dataclass(frozen=True)
 class DenseProjection:
-    """Float linears (the fp32 target). A row or two: each original weight through `F.linear` (the GEMV
+    """Float linears (the fp32 target). One row: each original weight through `F.linear` (the GEMV
     path; no copy). More rows (a verify over k + 1 positions): one matmul over a fused copy reordered
     into oneDNN's blocked layout, which small-M GEMMs run far better than the row-major weight (the
     default model at 7 rows, matmuls only: 32 ms a forward against 50 ms with `F.linear`)."""

@@ -43,6 +43,7 @@ class StaticSequence(CachedSequence):
         self.tokens = list(prompt_ids)
         self.fed = []
         self.forward_calls = 0
+        self._adopted = 0  # positions whose keys/values came from another sequence (`adopt_prefix`)
         self.k_cache, self.v_cache = self.decoder.new_cache(self._bucket(max(max_len, len(prompt_ids) + 64)))
 
     @staticmethod
@@ -82,24 +83,27 @@ class StaticSequence(CachedSequence):
         return out
 
     def adopt_prefix(self, source: StaticSequence) -> int:
-        """Take the keys/values `source` holds for a common prefix instead of computing them: a draft
-        derived from the target (its first layers, quantised) takes the target's prompt prefill, exact
-        where its own would be approximate, and skips its own (the draft's prefill is its costliest
-        forward: int4 kernels are made for a few rows). Layer i here is layer i there. Returns the
-        positions taken."""
+        """Take the keys/values `source` holds for the prefix it shares with this sequence, in place of
+        this sequence's own: a draft derived from the target (its first layers, quantised) takes the
+        target's prompt prefill, and after each round the target's entries for the accepted tokens,
+        exact where its own are approximate. Layer i here is layer i there. Only positions not taken
+        before are copied; returns how many."""
         n = 0
         limit = min(len(source.fed), len(self.tokens))
         while n < limit and source.fed[n] == self.tokens[n]:
             n += 1
-        if n <= len(self.fed) or len(self.k_cache) > len(source.k_cache) \
+        low = min(self._adopted, len(self.fed))
+        if n <= low or len(self.k_cache) > len(source.k_cache) \
                 or self.k_cache[0].shape[::2] != source.k_cache[0].shape[::2]:
             return 0
         self._reserve(n)
         for mine, theirs in zip(self.k_cache + self.v_cache,
                                 source.k_cache[:len(self.k_cache)] + source.v_cache[:len(self.v_cache)], strict=True):
-            mine[:, :n] = theirs[:, :n]
-        self.fed = list(self.tokens[:n])
-        return n
+            mine[:, low:n] = theirs[:, low:n]
+        if n > len(self.fed):
+            self.fed = list(self.tokens[:n])
+        self._adopted = n
+        return n - low
 
     def _reserve(self, length: int) -> None:
         """Grow the cache (a new, larger bucket) when a sequence outgrows it; rare by design."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from fedge.data import load_corpus
 from fedge.edge.draft import DraftSpec, build_draft, default_draft_dir, load_draft
-from fedge.edge.local_generate import SpeculativeGenerator, parse_k
+from fedge.edge.local_generate import SHARED_KV_DEFAULT, SpeculativeGenerator, parse_k
 from fedge.models import encode_prompt, load_model
 from fedge.speculative import autoregressive_generate, expected_tokens_per_round
 from fedge.static_decoder import LeanDecoder, StaticSequence, supports
@@ -130,7 +130,8 @@ def _run_prompt(target, tokenizer, drafts: dict, prompt: list[int], max_new_toke
         rec.identical.append(assisted == reference)
 
         # the drafts were loaded with check_target=target: derived from it, they may take its prompt prefill
-        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
+        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer,
+                                   draft_shares_target_kv=os.environ.get("FEDGE_SHARED_KV", SHARED_KV_DEFAULT))
         t0 = time.perf_counter()
         out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
         rec = totals[(dom, f"fedge[{name}]")]

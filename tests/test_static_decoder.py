@@ -157,9 +157,28 @@ def test_a_derived_draft_takes_the_target_prefill(tiny, tmp_path):
     torch.testing.assert_close(adopter.logits([4]), own.logits([4]), rtol=1e-4, atol=1e-4)
     build_draft(DraftSpec(target="tiny-random-llama", keep_layers=1, quant="int4"), tmp_path / "d", progress=False)
     draft = load_draft(tmp_path / "d", check_target=model)[0]
-    gen = SpeculativeGenerator(target=model, draft=draft, tokenizer=tokenizer, draft_shares_target_prefill=True)
-    out, stats = gen.generate_ids(prompt, 20, stop_at_eos=False)
-    assert out == autoregressive_generate(model, prompt, 20) and stats.drafted > 0
+    for shared in ("prefill", "accepted"):
+        gen = SpeculativeGenerator(target=model, draft=draft, tokenizer=tokenizer, draft_shares_target_kv=shared)
+        out, stats = gen.generate_ids(prompt, 20, stop_at_eos=False)
+        assert out == autoregressive_generate(model, prompt, 20) and stats.drafted > 0
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_drafter_keeps_confirmed_drafts_cached(tiny, lean):
+    """A proposal's drafted tokens stay in the draft's cache through the verdict: the ones the target
+    confirms are not computed again by the next round's first forward."""
+    model, _ = tiny
+    prompt = [3, 14, 15, 92, 65, 35]
+    drafter = Drafter(model, prompt, SamplingParams())
+    drafter.sequence = make_sequence(model, prompt, lean=lean)
+    drafter.sequence.prefill()
+    ids, _ = drafter.propose(4)
+    assert drafter.tokens == prompt and drafter.sequence.cached_len == len(prompt) + 3  # d1..d3 fed
+    drafter.accept(ids[:2] + [7])  # two drafts confirmed, then the target's correction
+    assert drafter.sequence.cached_len == len(prompt) + 2
+    calls = drafter.sequence.forward_calls
+    assert drafter.propose(1)[0] == autoregressive_generate(model, prompt + ids[:2] + [7], 1)
+    assert drafter.sequence.forward_calls == calls + 1  # one forward over the correction alone
 
 
 def _failing_backend(graph_module, example_inputs):
