@@ -62,6 +62,17 @@ def supports(model: torch.nn.Module) -> bool:
     return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and not hasattr(attn, "q_norm")
 
 
+_WEIGHTS = ("self.layers", "self.head", "self.final_norm")
+
+
+def _skip_weight_guards(entries) -> list[bool]:
+    """Keep every guard but the per-tensor checks on the re-packed weights (hundreds of them, ~1 ms a
+    call): their shapes and dtypes are the model's own and cannot change under one runner (a cast or
+    move re-initialises it, see `refresh`); what they are (types, list lengths) stays guarded, and so
+    do the inputs, the caches and the RoPE tables (whose dtype tells a bf16 draft from an fp32 target)."""
+    return [not (e.guard_type == "TENSOR_MATCH" and e.name.startswith(_WEIGHTS)) for e in entries]
+
+
 class LeanDecoder:
     """The per-model runner: re-packed weights, RoPE tables and the compiled step, shared by sequences."""
 
@@ -123,7 +134,12 @@ class LeanDecoder:
         """Re-pack if the model changed since (a module replaced, a weight changed in place); True if so."""
         if module_signature(self._modules()) == self._signature:
             return False
-        self._pack()
+        with torch.no_grad():
+            probe = self.model.model.embed_tokens(torch.zeros(1, dtype=torch.long, device=self.device))
+        if (probe.dtype, probe.device) != (self.dtype, self.device):  # moved or cast: start over
+            self.__init__(self.model, self.compile, self.backend, self.blocked)
+        else:
+            self._pack()
         return True
 
     def _rope_upto(self, length: int) -> None:
@@ -218,7 +234,8 @@ class LeanDecoder:
             # every decoder's graphs hang off the one `_step` code object: room for a few models
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU
-            self._compiled = torch.compile(self._step, backend=self.backend, mode=mode)
+            self._compiled = torch.compile(self._step, backend=self.backend, mode=mode,
+                                           options={"guard_filter_fn": _skip_weight_guards})
         width = ids.shape[0]
         graph = "width 1" if width == 1 else "width 2" if width == 2 else "width n"
         span_of = self._positions[:span]  # its length is the span: a dynamic size, not a constant

@@ -188,7 +188,9 @@ def layer_signature(layer: nn.Module) -> tuple:
 
 
 def module_signature(modules: Sequence[nn.Module]) -> tuple:
-    return tuple((m, tuple(t._version for t in (*m.parameters(), *m.buffers()))) for m in modules)
+    """Each module with its tensors' version counters, storage and dtype (`model.to(...)` swaps storage)."""
+    return tuple((m, tuple((t._version, t.data_ptr(), t.dtype) for t in (*m.parameters(), *m.buffers())))
+                 for m in modules)
 
 
 def layer_weights(layer: nn.Module, blocked: bool = True) -> LayerWeights:

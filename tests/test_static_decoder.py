@@ -207,7 +207,9 @@ def test_traced_step_matches_eager_at_every_width(tiny):
         seq.accept([5, 6])
     torch.testing.assert_close(lean.logits([9]), ref.logits([9]), rtol=1e-4, atol=1e-4)
     assert lean.greedy_tokens(6) == ref.greedy_tokens(6)
-    assert traced.compile and set(traced.warmup_s) == {"width 1", "width n"}
+    torch.testing.assert_close(lean.logits([1, 2, 3]), ref.logits([1, 2, 3]), rtol=1e-4, atol=1e-4)
+    assert traced.compile and "width 1" in traced.warmup_s  # compiled, the graphs' first calls timed
+    assert not any("recompiled" in graph for graph in traced.warmup_s)  # widths and spans are dynamic
 
 
 @pytest.mark.slow
