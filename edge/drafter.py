@@ -56,7 +56,7 @@ class Drafter:
             return self._last
         start_len = len(self.sequence.tokens)
         ids, qs = self._draft(k)
-        self.sequence.truncate(start_len)  # drafted tokens stay in the cache until the verdict
+        self.sequence.rewind(start_len)  # drafted tokens stay in the cache until the verdict
         self._last = (ids, self._pack(qs))
         return self._last
 
@@ -110,13 +110,13 @@ class Drafter:
 
     def _draft(self, k: int) -> tuple[list[int], list]:
         """k tokens drawn one by one, each entering the sequence; returns (ids, q per token)."""
+        if self.params.greedy:
+            return self.sequence.greedy_tokens(k), []  # the argmax comes out of the forward itself
         ids: list[int] = []
         qs: list = []
         for _ in range(k):
             logits = self.sequence.logits()[-1]
-            if self.params.greedy:
-                token = int(logits.argmax())
-            elif self.q_support is None:
+            if self.q_support is None:
                 q = sampling_probs(logits, self.params)
                 token = int(torch.multinomial(q, 1, generator=self.generator))
                 qs.append(q)

@@ -42,10 +42,35 @@ class CachedSequence:
         self.fed.extend(feed)
         return out.logits[0].float()
 
+    def prefill(self) -> None:
+        """Feed the sequence now, all but its last token (which the next `logits` call feeds), so that
+        the first round of a generation is timed as a round and not as a prompt's prefill."""
+        if len(self.tokens) - len(self.fed) > 1:
+            last = self.tokens.pop()
+            self.logits()
+            self.tokens.append(last)
+
+    def greedy_tokens(self, n: int) -> list[int]:
+        """n greedy tokens, each accepted as drawn (the drafter's greedy loop)."""
+        out: list[int] = []
+        for _ in range(n):
+            token = int(self.logits()[-1].argmax())
+            out.append(token)
+            self.tokens.append(token)  # fed stays a prefix of tokens: nothing to roll back
+        return out
+
     def accept(self, new_tokens: list[int]) -> None:
         """Append tokens to the sequence; the cache keeps whatever prefix still matches."""
         self.tokens.extend(new_tokens)
         self._sync()
+
+    def rewind(self, length: int) -> None:
+        """Cut `tokens` back to `length` but keep the cache past it, as `logits(extra)` does: a drafter
+        proposes k tokens, rewinds, and the verdict's `accept` keeps the cached drafts it confirms
+        (a `truncate` here would drop them and the next forward would compute them again)."""
+        if not 0 < length <= len(self.tokens):
+            raise ValueError(f"cannot rewind a {len(self.tokens)}-token session to {length}")
+        del self.tokens[length:]
 
     def truncate(self, length: int) -> None:
         """Cut the sequence back to `length` tokens (rejected drafts), rolling the cache back."""

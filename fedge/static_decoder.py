@@ -1,179 +1,33 @@
-"""A lean decode runner (gpt-fast style) for Llama-architecture models: static KV cache, fixed shapes.
-
-Why: at batch one on a CPU, a 135M model's forward through Hugging Face's modelling code spends
-most of its time in Python and framework overhead (mask building, cache objects, per-layer
-dispatch), not in reading the weights. `LeanDecoder` runs the same arithmetic over the model's own
-modules (its projections may be the draft's int4/int8 packed layers or LoRA side paths) with a
-preallocated cache and, where `torch.compile` works, a compiled step per padded width
-(1, 2, 4, 8, 16 positions), so a draft step or a verify forward is one fused graph.
+"""A sequence decoded by the lean runner: a preallocated KV cache whose rollback moves a pointer.
 
 `StaticSequence` is a drop-in for `fedge.cached_sequence.CachedSequence`: same `tokens`/`fed`
 bookkeeping, same API, and rollback only moves the length pointer (`fed`); positions past it are
-overwritten by the next feed and masked out until then. Nothing is recomputed.
+overwritten by the next feed and never attended to before then. Nothing is recomputed. Its forward
+is `fedge.lean_decoder.LeanDecoder`'s (re-packed weights, few ops, optionally compiled).
 
-`FEDGE_COMPILE=1` (or `LeanDecoder(compile=True)`) turns compilation on; a compilation error falls back
-to eager once, with a warning.
+`make_sequence` is where callers (the drafter, the target's verifier session) get a sequence: the
+lean runner wherever the model is a Llama-architecture one, because it was measured faster than
+Hugging Face's cache path for both the int4 draft and the fp32 target (`fedge bench speculative`
+prints both); `FEDGE_LEAN=0` gives `CachedSequence`. Outputs are the same either way (tests).
+
+Compilation stays opt-in (`FEDGE_COMPILE=1`): see `compile_enabled`'s measured trade-off in the
+README section "Speculative decoding with compressed drafts".
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
-import weakref
 
 import torch
-import torch.nn.functional as F
 
 from fedge.cached_sequence import CachedSequence
+from fedge.lean_decoder import LeanDecoder, compile_enabled, inductor_cache_dir, supports
 
-log = logging.getLogger(__name__)
+__all__ = ["WIDTHS", "LeanDecoder", "StaticSequence", "compile_enabled", "inductor_cache_dir", "lean_enabled",
+           "make_sequence", "supports"]
 
-WIDTHS = (1, 2, 4, 8, 16)  # compiled step widths; wider feeds (prefill) run eager
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compile_enabled() -> bool:
-    """`FEDGE_COMPILE=1` compiles the steps. Off by default: compiling costs minutes on a loaded
-    2-core CPU, which tests and one-off generations never win back; benchmarks and servers turn it on."""
-    return os.environ.get("FEDGE_COMPILE", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def supports(model: torch.nn.Module) -> bool:
-    """A decoder-only model whose layers are Llama's: pre-norm attention (RoPE, GQA) plus MLP."""
-    config = getattr(model, "config", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if config is None or layers is None or getattr(config, "model_type", "") not in ("llama", "qwen2"):
-        return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
-            and config.model_type != "llama":
-        return False
-    attn = layers[0].self_attn
-    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and not hasattr(attn, "q_norm")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class LeanDecoder:
-    """The per-model runner: RoPE table, layer references and compiled steps, shared by sequences."""
-
-    def __init__(self, model: torch.nn.Module, compile: bool | None = None):
-        if not supports(model):
-            raise ValueError(f"{type(model).__name__} is not a Llama-architecture model")
-        config = model.config
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.n_kv = int(config.num_key_value_heads)
-        self.n_heads = int(config.num_attention_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
-        self.scaling = self.head_dim ** -0.5
-        with torch.no_grad():
-            probe = model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))
-        self.dtype = probe.dtype
-        self.table_len = 0
-        self.cos = self.sin = torch.empty(0)
-        self._rope_upto(1024)
-        self.compile = compile_enabled() if compile is None else compile
-        self._compiled: dict[tuple[int, int, int], object] = {}
-        self.warmup_s: dict[str, float] = {}  # "width x span" -> seconds of its first (compiling) call
-        self.forward_calls = 0
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> LeanDecoder:
-        """One runner per model object, so compiled steps are reused across sequences."""
-        decoder = _DECODERS.get(model)
-        if decoder is None:
-            decoder = _DECODERS[model] = cls(model)
-        return decoder
-
-    def _rope_upto(self, length: int) -> None:
-        if length <= self.table_len:
-            return
-        length = max(length, 2 * self.table_len)
-        with torch.no_grad():
-            dummy = torch.zeros(1, dtype=self.dtype)
-            cos, sin = self.model.model.rotary_emb(dummy, torch.arange(length)[None])
-        self.cos, self.sin, self.table_len = cos[0], sin[0], length
-
-    def new_cache(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
-        self._rope_upto(max_len)
-        return torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
-
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              span: int, keep: int) -> torch.Tensor:
-        """Feed ids (1, L) at positions pos (L,); attend over cache[:span]; logits of the last `keep`."""
-        x = self.model.model.embed_tokens(ids)
-        cos = self.cos[pos][None, None].to(x.dtype)
-        sin = self.sin[pos][None, None].to(x.dtype)
-        mask = torch.arange(span)[None, :] <= pos[:, None]  # (L, span): causal over the cache
-        width = ids.shape[1]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, width, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, width, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, width, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            k_cache[i].index_copy_(2, pos, k.to(k_cache.dtype))
-            v_cache[i].index_copy_(2, pos, v.to(v_cache.dtype))
-            keys, values = k_cache[i, :, :, :span], v_cache[i, :, :, :span]
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                                 scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, width, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = self.model.model.norm(x[:, -keep:])
-        return self.model.lm_head(x)[0].float()
-
-    def forward(self, feed: list[int], start: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                keep: int) -> torch.Tensor:
-        """Logits (keep, V) for the last `keep` of `feed`, written into the cache from `start`."""
-        n = len(feed)
-        width = next((w for w in WIDTHS if w >= n), None)
-        self.forward_calls += 1
-        with torch.no_grad():
-            if not self.compile or width is None:
-                ids = torch.tensor([feed], dtype=torch.long)
-                return self._step(ids, torch.arange(start, start + n), k_cache, v_cache, start + n, keep)
-            # pad to a fixed width: the padding sits past the real tokens (beyond the length pointer),
-            # so real queries never see it and the next feed overwrites it
-            ids = torch.tensor([feed + [feed[-1]] * (width - n)], dtype=torch.long)
-            pos = torch.arange(start, start + width)
-            span = k_cache.shape[3]
-            logits = self._compiled_call(width, span, keep + width - n, ids, pos, k_cache, v_cache)
-            if logits is None:
-                return self._step(ids[:, :n], pos[:n], k_cache, v_cache, start + n, keep)
-            return logits[:keep]
-
-    def _compiled_call(self, width: int, span: int, keep: int, ids, pos, k_cache, v_cache):
-        key = (width, span, keep)
-        fn = self._compiled.get(key)
-        first = fn is None
-        if first:
-            fn = self._compiled[key] = torch.compile(self._step, dynamic=False)
-        start = time.perf_counter()
-        try:
-            out = fn(ids, pos, k_cache, v_cache, span, keep)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
-            log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
-            self.compile = False
-            return None
-        if first:
-            self.warmup_s[f"{width}x{span}/{keep}"] = time.perf_counter() - start
-        return out
-
-    def warm_up(self, widths: tuple[int, ...] = WIDTHS, max_len: int = 512) -> float:
-        """Compile the steps ahead of time (keep = width, as a verify forward uses); returns seconds."""
-        start = time.perf_counter()
-        k_cache, v_cache = self.new_cache(max_len)
-        for width in widths:
-            self.forward([0] * width, 0, k_cache, v_cache, width)
-            self.forward([0] * width, 0, k_cache, v_cache, 1)
-        return time.perf_counter() - start
+# the widths a round feeds (kept for callers that size buffers by it); compiled graphs are dynamic
+WIDTHS = (1, 2, 4, 8, 16)
 
 
 class StaticSequence(CachedSequence):
@@ -185,9 +39,11 @@ class StaticSequence(CachedSequence):
             raise ValueError("a session needs at least one prompt token")
         self.model = model
         self.decoder = decoder or LeanDecoder.for_model(model)
+        self.decoder.refresh()  # the model may have changed since the runner re-packed it
         self.tokens = list(prompt_ids)
         self.fed = []
         self.forward_calls = 0
+        self._adopted = 0  # positions whose keys/values came from another sequence (`adopt_prefix`)
         self.k_cache, self.v_cache = self.decoder.new_cache(self._bucket(max(max_len, len(prompt_ids) + 64)))
 
     @staticmethod
@@ -199,41 +55,79 @@ class StaticSequence(CachedSequence):
 
     @property
     def max_len(self) -> int:
-        return self.k_cache.shape[3]
+        return self.k_cache[0].shape[1]
 
-    def logits(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    def _feed(self, extra: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         pending = self.tokens[len(self.fed):]
         if not pending:
             self._crop(len(self.tokens) - 1)
             pending = self.tokens[-1:]
         feed = pending + list(extra)
         start = len(self.fed)
-        self._reserve(start + len(feed) + WIDTHS[-1])  # room for the padded width too
-        out = self.decoder.forward(feed, start, self.k_cache, self.v_cache, len(extra) + 1)
+        self._reserve(start + len(feed))
+        out = self.decoder.run(feed, start, self.k_cache, self.v_cache, len(extra) + 1)
         self.forward_calls += 1
         self.fed.extend(feed)
         return out
+
+    def logits(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        return self._feed(extra)[0]
+
+    def greedy_tokens(self, n: int) -> list[int]:
+        """n greedy tokens, each accepted as drawn (the argmax comes out of the same forward)."""
+        out: list[int] = []
+        for _ in range(n):
+            token = int(self._feed(())[1])
+            out.append(token)
+            self.tokens.append(token)
+        return out
+
+    def adopt_prefix(self, source: StaticSequence) -> int:
+        """Take the keys/values `source` holds for the prefix it shares with this sequence, in place of
+        this sequence's own: a draft derived from the target (its first layers, quantised) takes the
+        target's prompt prefill, and after each round the target's entries for the accepted tokens,
+        exact where its own are approximate. Layer i here is layer i there. Only positions not taken
+        before are copied; returns how many."""
+        n = 0
+        limit = min(len(source.fed), len(self.tokens))
+        while n < limit and source.fed[n] == self.tokens[n]:
+            n += 1
+        low = min(self._adopted, len(self.fed))
+        if n <= low or len(self.k_cache) > len(source.k_cache) \
+                or self.k_cache[0].shape[::2] != source.k_cache[0].shape[::2]:
+            return 0
+        self._reserve(n)
+        for mine, theirs in zip(self.k_cache + self.v_cache,
+                                source.k_cache[:len(self.k_cache)] + source.v_cache[:len(self.v_cache)], strict=True):
+            mine[:, low:n] = theirs[:, low:n]
+        if n > len(self.fed):
+            self.fed = list(self.tokens[:n])
+        self._adopted = n
+        return n - low
 
     def _reserve(self, length: int) -> None:
         """Grow the cache (a new, larger bucket) when a sequence outgrows it; rare by design."""
         if length <= self.max_len:
             return
         k_cache, v_cache = self.decoder.new_cache(self._bucket(length))
-        k_cache[:, :, :, :self.max_len] = self.k_cache
-        v_cache[:, :, :, :self.max_len] = self.v_cache
+        for new, old in zip(k_cache + v_cache, self.k_cache + self.v_cache, strict=True):
+            new[:, :old.shape[1]] = old
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def _crop(self, length: int) -> None:
-        del self.fed[length:]  # the pointer moves; stale positions are masked and later overwritten
+        del self.fed[length:]  # the pointer moves; stale positions are never attended and later overwritten
+
+
+def lean_enabled() -> bool:
+    """The lean runner unless `FEDGE_LEAN=0`."""
+    return os.environ.get("FEDGE_LEAN", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def make_sequence(model: torch.nn.Module, prompt_ids: list[int], lean: bool | None = None) -> CachedSequence:
-    """The lean runner where the model supports it and `FEDGE_LEAN=1`, else CachedSequence.
-
-    Opt-in until its speed against the HF cache is measured on a quiet machine (`fedge bench
-    speculative`): outputs are identical either way, only speed differs."""
+    """The lean runner where the model supports it (unless `FEDGE_LEAN=0` or lean=False), else
+    CachedSequence: outputs are identical either way, only speed differs."""
     if lean is None:
-        lean = os.environ.get("FEDGE_LEAN", "0").strip() in ("1", "true", "yes", "on")
+        lean = lean_enabled()
     if lean and supports(model):
         return StaticSequence(model, prompt_ids)
     return CachedSequence(model, prompt_ids)
