@@ -278,6 +278,20 @@ def _yield_to_the_cloud(nice: int) -> None:
         os.nice(nice)
 
 
+def _run_facts(args: argparse.Namespace, draft_dir, info, draft_s: float, tokens_per_s: float, farm: bool,
+               health, after) -> dict:
+    """What the report records about the run's set-up: the draft, the phones' profile, the cost curve."""
+    return {"draft": str(draft_dir), "draft_quant": info.quant, "cpu_count": os.cpu_count(),
+            "draft_ms_per_token_alone": draft_s * 1000, "phone_tokens_per_s": tokens_per_s,
+            "phone_drafts": _phone_drafts(args), "draft_farm": farm,
+            "phone_nice": getattr(args, "phone_nice", 10),
+            "fixed_k": getattr(args, "fixed_k", None), "load_aware": not getattr(args, "no_load_aware", False),
+            "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
+            "forward_path": health.forward_path, "cost_positions": list(health.cost_positions),
+            "cost_seconds_startup": list(health.cost_seconds), "cost_seconds": list(after.cost_seconds),
+            "cost_context": health.cost_context}
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -323,15 +337,7 @@ def main(args: argparse.Namespace) -> int:
 
     co, ea = results["cloud_only"], results["edge_assisted"]
     identical = co.outputs == ea.outputs and (reference is None or ea.outputs == reference)
-    extra = {"draft": str(draft_dir), "draft_quant": info.quant, "cpu_count": os.cpu_count(),
-             "draft_ms_per_token_alone": draft_s * 1000, "phone_tokens_per_s": tokens_per_s,
-             "phone_drafts": _phone_drafts(args), "draft_farm": farm is not None,
-             "phone_nice": getattr(args, "phone_nice", 10),
-             "fixed_k": getattr(args, "fixed_k", None), "load_aware": not getattr(args, "no_load_aware", False),
-             "cloud_batch_wait_ms": args.cloud_batch_wait_ms if args.server is None else None,
-             "forward_path": health.forward_path, "cost_positions": list(health.cost_positions),
-             "cost_seconds_startup": list(health.cost_seconds), "cost_seconds": list(after.cost_seconds),
-             "cost_context": health.cost_context}
+    extra = _run_facts(args, draft_dir, info, draft_s, tokens_per_s, farm is not None, health, after)
     rep = report(args, co, ea, identical, reference is not None, extra)
     Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
     print_table(args, co, ea, rep)
