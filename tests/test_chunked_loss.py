@@ -22,7 +22,7 @@ def _batch():
 
 
 def _adapted(client_model: str, tmp_path):
-    from fedge.edge.training_model import _adapted_draft
+    from fedge.edge.training_model import load_base
     from fedge.peft_methods.lora_model import AdaptedModel
 
     if client_model == "target":
@@ -31,7 +31,10 @@ def _adapted(client_model: str, tmp_path):
         from fedge.edge.draft import DraftSpec, build_draft
 
         build_draft(DraftSpec(target="tiny-random-llama", quant="int4"), tmp_path / "draft", progress=False)
-        adapted = _adapted_draft("tiny-random-llama", SPEC, "int4", None, tmp_path / "draft")
+        from fedge.peft_methods.quantized_lora import draft_lora_config
+
+        base = load_base("tiny-random-llama", "draft", "int4", None, tmp_path / "draft")
+        adapted = AdaptedModel("tiny-random-llama", SPEC, base_and_tokenizer=base, config_factory=draft_lora_config)
     with torch.no_grad():  # B = 0 at init: give it values, so its gradient path is exercised
         for name, param in adapted.model.named_parameters():
             if "lora_B" in name:
