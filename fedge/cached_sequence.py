@@ -12,35 +12,18 @@ import torch
 from transformers import DynamicCache
 
 
-class CachedSequence:
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int]):
-        if not prompt_ids:
-            raise ValueError("a session needs at least one prompt token")
-        self.model = model
-        self.tokens: list[int] = list(prompt_ids)
-        self.fed: list[int] = []  # the tokens whose keys/values are in the cache, in order
-        self.cache = DynamicCache(config=model.config)
-        self.forward_calls = 0
+class RollbackSequence:
+    """The bookkeeping every rollback sequence shares: `tokens` and the cached prefix `fed` of it.
+    A subclass feeds (`logits`) and cuts its cache (`_crop`); everything else is here."""
+
+    tokens: list[int]
+    fed: list[int]
 
     def logits(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
-        """Feed `tokens` beyond the cache plus `extra`; return next-token logits (float32) for the
-        last len(extra) + 1 positions: row i follows tokens + extra[:i].
+        raise NotImplementedError
 
-        `extra` enters the cache but not `tokens`: call `accept` to keep some of it.
-        """
-        pending = self.tokens[len(self.fed):]
-        if not pending:
-            # the last token must be fed to get its logits; re-feed it once
-            self._crop(len(self.tokens) - 1)
-            pending = self.tokens[-1:]
-        feed = pending + list(extra)
-        ids = torch.tensor([feed], dtype=torch.long)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=len(extra) + 1)
-        self.forward_calls += 1
-        self.fed.extend(feed)
-        return out.logits[0].float()
+    def _crop(self, length: int) -> None:
+        raise NotImplementedError
 
     def prefill(self) -> None:
         """Feed the sequence now, all but its last token (which the next `logits` call feeds), so that
@@ -86,12 +69,43 @@ class CachedSequence:
             common += 1
         self._crop(common)
 
+    @property
+    def cached_len(self) -> int:
+        return len(self.fed)
+
+
+class CachedSequence(RollbackSequence):
+    def __init__(self, model: torch.nn.Module, prompt_ids: list[int]):
+        if not prompt_ids:
+            raise ValueError("a session needs at least one prompt token")
+        self.model = model
+        self.tokens: list[int] = list(prompt_ids)
+        self.fed: list[int] = []  # the tokens whose keys/values are in the cache, in order
+        self.cache = DynamicCache(config=model.config)
+        self.forward_calls = 0
+
+    def logits(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        """Feed `tokens` beyond the cache plus `extra`; return next-token logits (float32) for the
+        last len(extra) + 1 positions: row i follows tokens + extra[:i].
+
+        `extra` enters the cache but not `tokens`: call `accept` to keep some of it.
+        """
+        pending = self.tokens[len(self.fed):]
+        if not pending:
+            # the last token must be fed to get its logits; re-feed it once
+            self._crop(len(self.tokens) - 1)
+            pending = self.tokens[-1:]
+        feed = pending + list(extra)
+        ids = torch.tensor([feed], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=len(extra) + 1)
+        self.forward_calls += 1
+        self.fed.extend(feed)
+        return out.logits[0].float()
+
     def _crop(self, length: int) -> None:
         if length < len(self.fed):
             # a negative argument removes that many positions in every transformers version
             self.cache.crop(length - len(self.fed))
             del self.fed[length:]
-
-    @property
-    def cached_len(self) -> int:
-        return len(self.fed)

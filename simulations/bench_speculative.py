@@ -4,7 +4,9 @@ Every method runs on the same prompts in the same process, interleaved prompt by
 load from other processes falls on all of them alike; speed is reported as ratios. The target alone
 runs twice, as Hugging Face's `generate` (the baseline) and on fedge's lean runner
 (`fedge.static_decoder`), so a reader sees how much of fedge's speed is the runner and how much is
-speculation. One-time costs (re-packing weights, compiling when `FEDGE_COMPILE=1`) are paid and
+speculation. fedge runs twice per draft: with the draft taking the target's prompt keys/values
+(possible only in one process, where the target is at hand) and with the draft's own prefill, as on
+a phone. One-time costs (re-packing weights, compiling when `FEDGE_COMPILE=1`) are paid and
 reported before the timed loop, apart from steady-state speed.
 Prompts: stdlib code completion (a prefix of held-out standard-library files) and GSM8K questions
 (chat template) when the shared data is at hand.
@@ -129,19 +131,20 @@ def _run_prompt(target, tokenizer, drafts: dict, prompt: list[int], max_new_toke
         rec.tokens += len(assisted)
         rec.identical.append(assisted == reference)
 
-        # the drafts were loaded with check_target=target: derived from it, they may take its prompt prefill
-        gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer,
-                                   draft_shares_target_kv=os.environ.get("FEDGE_SHARED_KV", SHARED_KV_DEFAULT))
-        t0 = time.perf_counter()
-        out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
-        rec = totals[(dom, f"fedge[{name}]")]
-        rec.seconds += time.perf_counter() - t0
-        rec.tokens += len(out)
-        rec.target_calls += stats.rounds
-        rec.drafted += stats.drafted
-        rec.accepted += stats.accepted
-        rec.rejected += stats.rejected
-        rec.identical.append(out == reference)
+        # the drafts were loaded with check_target=target: derived from it, they may take its prompt
+        # prefill (in-process only); the "own prefill" run is what a phone, holding no target, does
+        for method, shares in ((f"fedge[{name}]", SHARED_KV_DEFAULT), (f"fedge-own-prefill[{name}]", "none")):
+            gen = SpeculativeGenerator(target=target, draft=draft, tokenizer=tokenizer, draft_shares_target_kv=shares)
+            t0 = time.perf_counter()
+            out, stats = gen.generate_ids(prompt, max_new_tokens, k=fixed_k, stop_at_eos=False)
+            rec = totals[(dom, method)]
+            rec.seconds += time.perf_counter() - t0
+            rec.tokens += len(out)
+            rec.target_calls += stats.rounds
+            rec.drafted += stats.drafted
+            rec.accepted += stats.accepted
+            rec.rejected += stats.rejected
+            rec.identical.append(out == reference)
 
 
 def _summary(totals: dict, method: str, doms: list[str]) -> dict:
@@ -163,6 +166,7 @@ def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
             lean = _summary(totals, "target_lean", doms)
             hf = _summary(totals, f"hf_assisted[{name}]", doms)
             ours = _summary(totals, f"fedge[{name}]", doms)
+            own = _summary(totals, f"fedge-own-prefill[{name}]", doms)
             # a for (1 - a^(k+1)) / (1 - a): accepted / (accepted + rejections), not accepted / drafted
             a = ours["accepted"] / (ours["accepted"] + ours["rejected"]) if ours["accepted"] else 0.0
             mean_k = ours["drafted"] / ours["target_calls"] if ours["target_calls"] else 0.0
@@ -176,7 +180,10 @@ def _rows(totals: dict, drafts: dict, active: list[str]) -> list[dict]:
                 "speedup_vs_lean_target": ours["tokens_per_s"] / lean["tokens_per_s"],
                 "lean_target_vs_target": lean["tokens_per_s"] / base["tokens_per_s"],
                 "speedup_vs_hf_assisted": ours["tokens_per_s"] / hf["tokens_per_s"],
-                "greedy_identical": ours["identical"],
+                "own_prefill_tokens_per_s": own["tokens_per_s"],
+                "own_prefill_speedup_vs_target": own["tokens_per_s"] / base["tokens_per_s"],
+                "own_prefill_speedup_vs_hf_assisted": own["tokens_per_s"] / hf["tokens_per_s"],
+                "greedy_identical": ours["identical"] and own["identical"],
                 "hf_assisted_identical": hf["identical"],
                 "fedge_tokens_per_s": ours["tokens_per_s"],
                 "hf_assisted_tokens_per_s": hf["tokens_per_s"],
@@ -223,7 +230,8 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
     warmup = _warm_up({name: m for name, m in models if supports(m)})
     domains = {"code": code_prompts(tokenizer, n_prompts, seed), "gsm8k": gsm8k_prompts(tokenizer, n_prompts, seed)}
     fixed_k = parse_k(k)
-    methods = ["target", "target_lean", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts)]
+    methods = ["target", "target_lean", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts),
+               *(f"fedge-own-prefill[{d}]" for d in drafts)]
     totals = {(dom, m): MethodTotals() for dom in domains for m in methods}
     work = [(dom, p) for dom, prompts in domains.items() for p in prompts]
     for dom, prompt in tqdm(work, desc="bench speculative (prompts)"):
@@ -248,7 +256,8 @@ def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens
         "k": k,
         "threads": torch.get_num_threads(),
         **{key: primary[key] for key in ("acceptance_rate", "tokens_per_target_call", "speedup_vs_target",
-                                         "speedup_vs_hf_assisted", "greedy_identical", "draft_bytes")},
+                                         "speedup_vs_hf_assisted", "own_prefill_speedup_vs_target",
+                                         "own_prefill_speedup_vs_hf_assisted", "greedy_identical", "draft_bytes")},
         "greedy_identical": all(r["greedy_identical"] and r["lean_target_identical"] for r in rows),
         "target_bytes": _model_bytes(target),
         "draft_tokens_per_s": speed[draft_specs[0]],
@@ -274,6 +283,8 @@ def _print(report: dict, rows: list[dict]) -> None:
             ("HF asst tok/s", "hf_assisted_tokens_per_s"), ("target tok/s", "target_only_tokens_per_s"),
             ("lean target tok/s", "lean_target_tokens_per_s"), ("x target", "speedup_vs_target"),
             ("x lean target", "speedup_vs_lean_target"), ("x HF asst", "speedup_vs_hf_assisted"),
+            ("own prefill x target", "own_prefill_speedup_vs_target"),
+            ("own prefill x HF asst", "own_prefill_speedup_vs_hf_assisted"),
             ("identical", "greedy_identical"), ("lean identical", "lean_target_identical"), ("draft MB", "draft_bytes")]
     for title, _ in cols:
         table.add_column(title, justify="right")

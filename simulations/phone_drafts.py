@@ -25,6 +25,7 @@ import threading
 
 import torch
 
+from fedge.cached_sequence import RollbackSequence
 from fedge.cloud.batching import KVBuffer, Row, batched_forward
 from fedge.cloud.lean_batch import LeanBatchForward
 from fedge.sampling import SamplingParams
@@ -122,9 +123,9 @@ class DraftFarm:
                 slot[2].set()
 
 
-class FarmSequence:
-    """`fedge.cached_sequence.CachedSequence`'s interface (tokens, logits, accept, truncate) over a
-    KV buffer whose forwards run in a `DraftFarm`: rollback moves the cache's length pointer."""
+class FarmSequence(RollbackSequence):
+    """A rollback sequence (`fedge.cached_sequence`) over a KV buffer whose forwards run in a
+    `DraftFarm`: rollback moves the cache's length pointer."""
 
     def __init__(self, farm: DraftFarm, prompt_ids: list[int]):
         if not prompt_ids:
@@ -145,22 +146,6 @@ class FarmSequence:
         self.forward_calls += 1
         self.fed.extend(feed)
         return out
-
-    def accept(self, new_tokens: list[int]) -> None:
-        self.tokens.extend(new_tokens)
-        self._sync()
-
-    def truncate(self, length: int) -> None:
-        if not 0 < length <= len(self.tokens):
-            raise ValueError(f"cannot truncate a {len(self.tokens)}-token session to {length}")
-        del self.tokens[length:]
-        self._sync()
-
-    def _sync(self) -> None:
-        common, limit = 0, min(len(self.fed), len(self.tokens))
-        while common < limit and self.fed[common] == self.tokens[common]:
-            common += 1
-        self._crop(common)
 
     def _crop(self, length: int) -> None:
         if length < len(self.fed):
