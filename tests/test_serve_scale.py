@@ -223,12 +223,21 @@ def test_a_node_lost_mid_generation_every_session_finishes_exactly(tiny, noisy_d
         proc = _start_cloud(port, cluster.address)
         placed = _placements(cluster.address)
         assert len(placed) == 2 and set(placed.values()) == {w.node_id for w in workers}, placed  # one per worker
-        removed = threading.Event()
+        removed, gone, lock = threading.Event(), threading.Event(), threading.Lock()
+
+        def remove_node() -> None:
+            cluster.remove_node(workers[0], False)
+            gone.set()
 
         def remove_when_all_are_mid_generation(verified: list[int]) -> None:
-            if min(verified) >= 6 and not removed.is_set():
-                removed.set()
-                threading.Thread(target=cluster.remove_node, args=(workers[0], False), daemon=True).start()
+            with lock:
+                first = min(verified) >= 6 and not removed.is_set()
+                if first:
+                    removed.set()
+            if first:
+                threading.Thread(target=remove_node, daemon=True).start()
+            if removed.is_set():  # every phone waits mid-generation until the node is gone
+                assert gone.wait(120), "the node was not removed within 120 s"
 
         prompts = [list(tok(p)["input_ids"]) for p in PROMPTS]
         results = _phones(f"127.0.0.1:{port}", prompts, tiny, noisy_draft, remove_when_all_are_mid_generation)
