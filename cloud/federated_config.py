@@ -22,7 +22,7 @@ class FederatedConfig:
     num_clients: int = 20
     clients_per_round: int = 5
     rounds: int = 3
-    method: str = "ffa"
+    method: str = "fedavg"  # best at every setting `fedge bench aggregation` measured (README)
     strategy: str = "fedavg"
     rank: int = 8
     scale: float = 2.0

@@ -54,7 +54,7 @@ def test_secagg_and_dp_flags_reach_the_run(corpus_path, tmp_path):
     rc = main(["simulate", "federated", "--model", "tiny-random-llama", "--data", f"jsonl:{corpus_path}",
                "--partition", "natural", "--clients", "4", "--clients-per-round", "3", "--rounds", "1",
                "--steps", "1", "--seq-len", "32", "--rank", "4", "--noop-rounds", "0", "--no-baselines",
-               "--secagg", "--dp-epsilon", "8", "--dp-clip", str(clip), "--out", str(out)])
+               "--method", "ffa", "--secagg", "--dp-epsilon", "8", "--dp-clip", str(clip), "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "federated.json").read_text())
     record = report["rounds"][-1]
