@@ -30,6 +30,8 @@ def _add_speculative(bench: argparse._SubParsersAction) -> None:
     spec_bench.add_argument("--prompts", type=int, default=6, help="prompts per domain")
     spec_bench.add_argument("--max-new-tokens", type=int, default=64)
     spec_bench.add_argument("--k", default="auto")
+    spec_bench.add_argument("--compile", default="on", choices=["on", "off", "env"],
+                            help="torch.compile the lean runners (warm-up reported apart; env: FEDGE_COMPILE)")
     spec_bench.add_argument("--json", default=default_output("bench-speculative", "bench-speculative.json"))
     spec_bench.set_defaults(func=run_lazily("fedge.simulations.bench_speculative", output_files=("json",)))
 

@@ -101,11 +101,12 @@ class LeanDecoder:
         self._pack()
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> LeanDecoder:
-        """One runner per model object, so re-packed weights and compiled steps are reused across sequences."""
+    def for_model(cls, model: torch.nn.Module, compile: bool | None = None) -> LeanDecoder:
+        """One runner per model object, so re-packed weights and compiled steps are reused across sequences.
+        `compile` (default: `FEDGE_COMPILE`) applies when the runner is made, or remade if it differs."""
         decoder = _DECODERS.get(model)
-        if decoder is None:
-            decoder = _DECODERS[model] = cls(model)
+        if decoder is None or (compile is not None and decoder.compile != compile):
+            decoder = _DECODERS[model] = cls(model, compile=compile)
         return decoder
 
     @property

@@ -7,7 +7,8 @@ runs twice, as Hugging Face's `generate` (the baseline) and on fedge's lean runn
 speculation. fedge runs twice per draft: with the draft taking the target's prompt keys/values
 (possible only in one process, where the target is at hand) and with the draft's own prefill, as on
 a phone. One-time costs (re-packing weights, compiling when `FEDGE_COMPILE=1`) are paid and
-reported before the timed loop, apart from steady-state speed.
+reported before the timed loop, apart from steady-state speed. The bench compiles by default
+(`--compile on`; `off`, or `env` for `FEDGE_COMPILE`): compiled is the runner's steady state.
 Prompts: stdlib code completion (a prefix of held-out standard-library files) and GSM8K questions
 (chat template) when the shared data is at hand.
 """
@@ -207,13 +208,14 @@ def _lean_tokens_per_s(model: torch.nn.Module, prompt: list[int], n: int) -> flo
     return n / (time.perf_counter() - start)
 
 
-def _warm_up(models: dict) -> dict:
+def _warm_up(models: dict, compile: bool | None) -> dict:
     """The lean runners' one-time costs, paid before any timing: re-packing each model's weights and,
-    with `FEDGE_COMPILE=1`, compiling its graphs (per graph seconds in `compile_graphs_s`)."""
+    when compiling, compiling its graphs (per graph seconds in `compile_graphs_s`; torch's inductor
+    cache in fedge's cache makes later runs' warm-up shorter)."""
     out = {}
     for name, model in models.items():
         t0 = time.perf_counter()
-        decoder = LeanDecoder.for_model(model)
+        decoder = LeanDecoder.for_model(model, compile=compile)
         pack_s = time.perf_counter() - t0
         compile_s = decoder.warm_up() if decoder.compile else 0.0
         out[name] = {"pack_s": pack_s, "compile_s": compile_s, "compile_graphs_s": dict(decoder.warmup_s)}
@@ -221,13 +223,13 @@ def _warm_up(models: dict) -> dict:
 
 
 def run(target_name: str, draft_specs: list[str], n_prompts: int, max_new_tokens: int, k: str,
-        json_path: str, seed: int = 0) -> dict:
+        json_path: str, seed: int = 0, compile: bool | None = None) -> dict:
     torch.manual_seed(seed)
     target, tokenizer = load_model(target_name)
     drafts = _load_drafts(target_name, target, draft_specs)
 
     models = [("target", target), *((d, m) for d, (m, _) in drafts.items())]
-    warmup = _warm_up({name: m for name, m in models if supports(m)})
+    warmup = _warm_up({name: m for name, m in models if supports(m)}, compile)
     domains = {"code": code_prompts(tokenizer, n_prompts, seed), "gsm8k": gsm8k_prompts(tokenizer, n_prompts, seed)}
     fixed_k = parse_k(k)
     methods = ["target", "target_lean", *(f"hf_assisted[{d}]" for d in drafts), *(f"fedge[{d}]" for d in drafts),
@@ -310,6 +312,7 @@ def _print(report: dict, rows: list[dict]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     drafts = [d.strip() for d in (args.draft or "int4,int8").split(",") if d.strip()]
-    run(args.target, drafts, args.prompts, args.max_new_tokens, args.k, args.json)
+    run(args.target, drafts, args.prompts, args.max_new_tokens, args.k, args.json,
+        compile=None if args.compile == "env" else args.compile == "on")
     print(f"wrote {args.json}")
     return 0
