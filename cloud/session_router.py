@@ -6,7 +6,9 @@ with `request_router_config`) reads the session id of each request and sends it 
 that opened it. Session ids name their replica (`s<replica unique id>-<128 random bits hex>`, the
 engine's `shard`), so the router needs no table and any number of ingress processes agree.
 
-- a new session (OpenSession) goes round-robin over the live replicas, then to any with room;
+- a new session (OpenSession) goes to the live replica this router has opened the fewest sessions
+  on (round-robin among equals), then to any with room: sessions opened at once, or while one
+  replica is slow to answer Serve's queue probe, still spread over every replica;
 - a session's call goes to its replica only (if its queue is full, the router waits, it never
   sends the call elsewhere);
 - a session whose replica is gone (node lost, scaled down) goes to any live replica, which
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from fedge.cloud.ingress import LiveReplica, register_router, session_owner
 
 IDLE_POLL_S = 0.005
+OPEN_METHOD = "open_session"  # the replica method a new session calls (`VerifierReplica.open_session`)
 
 
 def _target(request: PendingRequest | None) -> str | None:
@@ -44,11 +48,16 @@ def _target(request: PendingRequest | None) -> str | None:
     return session_owner(session_id) if isinstance(session_id, str) else None
 
 
+def _is_open(request: PendingRequest | None) -> bool:
+    return request is not None and request.metadata.call_method == OPEN_METHOD
+
+
 class SessionAffinityRouter(RequestRouter):
-    """Routes by session id (see the module docstring); new sessions round-robin."""
+    """Routes by session id (see the module docstring); new sessions to the least-used replica."""
 
     def initialize_state(self, **kwargs) -> None:
         self._turn = itertools.count()
+        self._opened: Counter[str] = Counter()  # sessions this router has sent to each replica
         register_router(self.app_name, self)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -70,7 +79,10 @@ class SessionAffinityRouter(RequestRouter):
                 return [owner]
         # a new session, a call without a session, or one whose replica is gone (it gets NOT_FOUND there)
         first = next(self._turn) % len(ordered)
-        return [[ordered[first]], ordered[first + 1:] + ordered[:first]] if len(ordered) > 1 else [ordered]
+        rotated = ordered[first:] + ordered[:first]
+        if _is_open(pending_request):
+            rotated.sort(key=lambda r: self._opened[r.replica_id.unique_id])  # stable: rotation breaks ties
+        return [rotated[:1], rotated[1:]] if len(rotated) > 1 else [rotated]
 
     def _oldest_waiting(self) -> PendingRequest | None:
         return next((r for r in self._pending_requests_to_fulfill if not r.future.done()), None)
@@ -81,6 +93,8 @@ class SessionAffinityRouter(RequestRouter):
         replica (or the request may go anywhere). Serve's base router drops the latter, which left a
         request that a retiring routing task had taken waiting forever."""
         if request_metadata is not None:
+            if request_metadata.call_method == OPEN_METHOD:
+                self._opened[replica.replica_id.unique_id] += 1
             super()._fulfill_next_pending_request(replica, request_metadata)
             return
         waiting = self._oldest_waiting()
@@ -89,6 +103,8 @@ class SessionAffinityRouter(RequestRouter):
         target = _target(waiting)
         live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
         if target is None or target == replica.replica_id.unique_id or target not in live:
+            if _is_open(waiting):
+                self._opened[replica.replica_id.unique_id] += 1
             waiting.future.set_result(replica)
             self._remove_pending_request_from_indices(waiting)
 

@@ -119,12 +119,9 @@ applications:
     try:
         _wait_health(server, health_pb2.HealthCheckResponse.SERVING, 240, proc)
         assert _health(server, VERIFIER) == health_pb2.HealthCheckResponse.SERVING
+        _wait_replicas(server, 2, 120)  # the ingress serves once one replica is up; wait for both
         with grpc.insecure_channel(server) as channel:
             stub = fedge_pb2_grpc.VerifierStub(channel)
-            deadline = time.monotonic() + 120  # the ingress serves once one replica is up; wait for both
-            while stub.Health(fedge_pb2.HealthRequest(), timeout=30).replicas < 2 and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert stub.Health(fedge_pb2.HealthRequest(), timeout=30).replicas == 2
             sessions = [_open(stub, tiny) for _ in range(4)]
             owners = {s.split("-")[0] for s in sessions}
             assert len(owners) == 2, sessions  # new sessions spread over both replicas
@@ -142,6 +139,16 @@ applications:
         family = tree(proc.pid)
         stop_tree(proc.pid)
         assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _wait_replicas(server: str, replicas: int, timeout_s: float) -> None:
+    """Until the ingress reports `replicas` live replicas (new sessions spread over the ones it sees)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(server) as channel:
+        stub = fedge_pb2_grpc.VerifierStub(channel)
+        while stub.Health(fedge_pb2.HealthRequest(), timeout=30).replicas < replicas:
+            assert time.monotonic() < deadline, f"the ingress never saw {replicas} replicas"
+            time.sleep(0.5)
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
@@ -223,6 +230,7 @@ def test_a_node_lost_mid_generation_every_session_finishes_exactly(tiny, noisy_d
         proc = _start_cloud(port, cluster.address)
         placed = _placements(cluster.address)
         assert len(placed) == 2 and set(placed.values()) == {w.node_id for w in workers}, placed  # one per worker
+        _wait_replicas(f"127.0.0.1:{port}", 2, 120)  # the ingress's router sees both (GCS may know them first)
         removed, gone, lock = threading.Event(), threading.Event(), threading.Lock()
 
         def remove_node() -> None:
