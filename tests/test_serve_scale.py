@@ -119,7 +119,7 @@ applications:
     try:
         _wait_health(server, health_pb2.HealthCheckResponse.SERVING, 240, proc)
         assert _health(server, VERIFIER) == health_pb2.HealthCheckResponse.SERVING
-        _wait_replicas(server, 2, 120)  # the ingress serves once one replica is up; wait for both
+        assert _wait_replicas(server, 2, 120) == 2  # the ingress serves once one replica is up; wait for both
         with grpc.insecure_channel(server) as channel:
             stub = fedge_pb2_grpc.VerifierStub(channel)
             sessions = [_open(stub, tiny) for _ in range(4)]
@@ -141,14 +141,15 @@ applications:
         assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _wait_replicas(server: str, replicas: int, timeout_s: float) -> None:
-    """Until the ingress reports `replicas` live replicas (new sessions spread over the ones it sees)."""
+def _wait_replicas(server: str, replicas: int, timeout_s: float) -> int:
+    """Until the ingress reports at least `replicas` live replicas; returns how many it reports."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(server) as channel:
         stub = fedge_pb2_grpc.VerifierStub(channel)
-        while stub.Health(fedge_pb2.HealthRequest(), timeout=30).replicas < replicas:
+        while (seen := stub.Health(fedge_pb2.HealthRequest(), timeout=30).replicas) < replicas:
             assert time.monotonic() < deadline, f"the ingress never saw {replicas} replicas"
             time.sleep(0.5)
+        return seen
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
